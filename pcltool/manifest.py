@@ -1,0 +1,314 @@
+"""The run directory and its manifest: the only channel between stages.
+
+``manifest.json`` holds the resolved recipe, the environment, and per stage its status, times, parameters,
+inputs and outputs (path, sha256, size) and metrics. Every write is atomic (temp file + fsync + rename), a run
+is locked by one process at a time, and an artifact is only handed to a later stage after its sha256 matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pcltool.errors import MissingArtifactError, RunDirError, RunLockedError, StaleArtifactError
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+SCHEMA_VERSION = 1
+
+# What to run when a stage's output is missing (shown in MissingArtifactError).
+PRODUCED_BY = {
+    "train": "pcltool train RECIPE",
+    "select": "pcltool select RUN",
+    "prune": "pcltool prune RUN --peer NAME",
+    "export": "pcltool export RUN --peer NAME",
+    "build": "pcltool build RUN --engine ort|trt",
+    "bench": "pcltool bench RUN",
+}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, on error it is removed.
+
+    Readers therefore see the old file or the new one, never a partial one (also after SIGKILL)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with tmp_path.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device, recorded in every manifest."""
+    import platform
+
+    import torch
+
+    import pcltool
+
+    env = {
+        "pcltool": pcltool.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_count"] = torch.cuda.device_count()
+    return env
+
+
+class RunDir:
+    """A run directory. Construct with :meth:`create` (new run) or :meth:`open` (existing run)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = None
+
+    # --- creation and discovery -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_dir: Path, name: str, recipe: dict, explicit: Path | None = None) -> RunDir:
+        """Make a new run directory ``runs_dir/name`` (then ``name-2``, ``name-3``...) or ``explicit``."""
+        if explicit is not None:
+            path = Path(explicit)
+            if (path / MANIFEST).exists():
+                raise RunDirError(f"{path} already holds a run; use --resume to continue it or choose another --run")
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            runs_dir = Path(runs_dir)
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(1, 10_000):
+                path = runs_dir / (name if i == 1 else f"{name}-{i}")
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:  # pragma: no cover
+                raise RunDirError(f"no free run directory name under {runs_dir}")
+        run = cls(path)
+        run.acquire()
+        import uuid
+
+        run._write({
+            "schema": SCHEMA_VERSION,
+            "run_id": uuid.uuid4().hex,
+            "name": path.name,
+            "created": now(),
+            "recipe": recipe,
+            "environment": environment(),
+            "stages": {},
+        })
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise RunDirError(f"{path} is not a pcltool run (no {MANIFEST}); start one with `pcltool train RECIPE`")
+        return cls(path)
+
+    @staticmethod
+    def latest(runs_dir: Path = Path("runs")) -> Path:
+        """The most recently created run under ``runs_dir``."""
+        candidates = []
+        for manifest in Path(runs_dir).glob(f"*/{MANIFEST}"):
+            with contextlib.suppress(OSError, ValueError):
+                candidates.append((json.loads(manifest.read_text()).get("created", ""), manifest.stat().st_mtime, manifest.parent))
+        if not candidates:
+            raise RunDirError(f"no runs found under {runs_dir}/; start one with `pcltool train RECIPE` or pass a RUN path")
+        return max(candidates)[2]
+
+    # --- locking ----------------------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the run's lock for the life of this process (released by :meth:`release` or at exit)."""
+        from filelock import FileLock, Timeout
+
+        if self._lock is not None:
+            return
+        lock = FileLock(str(self.path / LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunLockedError(f"{self.path} is in use by another pcltool process (lock {self.path / LOCK}); "
+                                 "wait for it to finish") from None
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # --- manifest I/O -----------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} is not a pcltool run (no {MANIFEST})") from None
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{self.manifest_path} is not valid JSON ({err}); it was not written by pcltool") from None
+
+    def _write(self, manifest: dict) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+    def update(self, change: Callable[[dict], None]) -> dict:
+        if self._lock is None:
+            raise RunDirError("internal: manifest update without holding the run lock")
+        manifest = self.read()
+        change(manifest)
+        self._write(manifest)
+        return manifest
+
+    @property
+    def recipe(self) -> dict:
+        return self.read()["recipe"]
+
+    @property
+    def run_id(self) -> str:
+        return self.read()["run_id"]
+
+    # --- artifacts ----------------------------------------------------------------------------------------------
+    def relative(self, path: Path) -> str:
+        path = Path(path)
+        with contextlib.suppress(ValueError):
+            return str(path.resolve().relative_to(self.path.resolve()))
+        return str(path.resolve())
+
+    def resolve(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.path / p
+
+    def describe(self, path: Path) -> dict:
+        path = Path(path)
+        return {"path": self.relative(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+    def verify(self, record: dict, what: str) -> Path:
+        """Check an artifact record against the file on disk; return its path."""
+        path = self.resolve(record["path"])
+        if not path.is_file():
+            raise StaleArtifactError(f"{what}: {path} is missing; re-run the stage that made it")
+        if sha256_file(path) != record["sha256"]:
+            raise StaleArtifactError(f"{what}: {path} changed since it was recorded (sha256 mismatch); "
+                                     "re-run the stage that made it instead of editing artifacts by hand")
+        return path
+
+    # --- stages -----------------------------------------------------------------------------------------------
+    def stage(self, key: str) -> dict | None:
+        return self.read()["stages"].get(key)
+
+    def require(self, key: str, hint: str | None = None) -> dict:
+        """The record of a finished stage, or a typed error naming the command that produces it."""
+        record = self.stage(key)
+        if record is None or record.get("status") != "done":
+            base = key.split(":")[0]
+            state = "has not run" if record is None else f"is {record.get('status')}"
+            command = hint or PRODUCED_BY.get(base, f"pcltool {base}")
+            raise MissingArtifactError(f"stage '{key}' {state} in {self.path}; run `{command}` first")
+        return record
+
+    def artifact(self, key: str, name: str, hint: str | None = None) -> Path:
+        record = self.require(key, hint)
+        if name not in record.get("outputs", {}):
+            raise MissingArtifactError(f"stage '{key}' recorded no output '{name}'")
+        return self.verify(record["outputs"][name], f"{key}/{name}")
+
+    def begin(self, key: str, params: dict | None = None, inputs: dict[str, Path] | None = None,
+              keep_outputs: bool = False) -> None:
+        """Mark a stage running. ``keep_outputs`` keeps what an interrupted earlier attempt recorded (resume)."""
+        described = {k: self.describe(p) for k, p in (inputs or {}).items()}
+
+        def change(m: dict) -> None:
+            old = m["stages"].get(key, {}) if keep_outputs else {}
+            m["stages"][key] = {"status": "running", "started": now(), "params": params or {}, "inputs": described,
+                                "outputs": old.get("outputs", {}), "metrics": old.get("metrics", {})}
+
+        self.update(change)
+
+    def finish(self, key: str, outputs: dict[str, Path] | None = None, metrics: dict | None = None) -> None:
+        described = {k: self.describe(p) for k, p in (outputs or {}).items()}
+
+        def change(m: dict) -> None:
+            rec = m["stages"][key]
+            rec.update(status="done", finished=now(), outputs=described, metrics=metrics or {})
+            rec.pop("error", None)
+
+        self.update(change)
+
+    def record_metrics(self, key: str, metrics: dict) -> None:
+        self.update(lambda m: m["stages"][key]["metrics"].update(metrics))
+
+    def fail(self, key: str, error: BaseException) -> None:
+        def change(m: dict) -> None:
+            rec = m["stages"].setdefault(key, {"started": now(), "outputs": {}, "metrics": {}})
+            rec.update(status="failed", finished=now(), error=f"{type(error).__name__}: {error}")
+            if not isinstance(error, Exception) or type(error).__module__ != "pcltool.errors":
+                rec["traceback"] = traceback.format_exception(type(error), error, error.__traceback__)[-3:]
+
+        self.update(change)
+
+    @contextlib.contextmanager
+    def running(self, key: str, params: dict | None = None, inputs: dict[str, Path] | None = None):
+        """Mark ``key`` running; on an exception (Ctrl-C included) mark it failed and re-raise."""
+        self.begin(key, params, inputs)
+        try:
+            yield
+        except BaseException as err:
+            self.fail(key, err)
+            raise

@@ -1,0 +1,38 @@
+"""Rendering a manifest as a rich table (``pcltool status``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _short_metrics(metrics: dict) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, (int, str)):
+            parts.append(f"{key}={value}")
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()) and len(value) <= 8:
+            inner = ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+            parts.append(f"{key}: {inner}")
+    return "\n".join(parts)
+
+
+def manifest_table(path: Path, manifest: dict):
+    from rich.table import Table
+
+    env = manifest.get("environment", {})
+    title = (f"{path}  ·  run {manifest.get('run_id', '?')[:12]}  ·  recipe {manifest.get('recipe', {}).get('name')}  ·  "
+             f"torch {env.get('torch')}  ·  {env.get('gpu', 'cpu')}")
+    table = Table(title=title, show_lines=True)
+    for col in ("stage", "status", "started", "finished", "outputs", "metrics"):
+        table.add_column(col, overflow="fold")
+    for key, rec in manifest.get("stages", {}).items():
+        style = {"done": "green", "failed": "red", "running": "yellow"}.get(rec.get("status"), "")
+        outputs = "\n".join(f"{k}: {v['path']} ({v['sha256'][:10]})" for k, v in rec.get("outputs", {}).items())
+        metrics = _short_metrics(rec.get("metrics", {}))
+        if rec.get("error"):
+            metrics = f"[red]{rec['error']}[/]\n" + metrics
+        table.add_row(key, f"[{style}]{rec.get('status')}[/]", rec.get("started", ""), rec.get("finished", ""),
+                      outputs, metrics)
+    return table
