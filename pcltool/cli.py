@@ -118,3 +118,7 @@ def main() -> None:
     """Entry point for ``python -m pcltool`` and torchrun (``torchrun -m pcltool train ...``)."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     app()
+
+
+# Command groups registered on `app` (each module only imports typer at module level).
+from pcltool.commands import engine_cmds, model_cmds, train_cmds  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""(placeholder: commands are registered here)"""

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny recipes on the embedded digits dataset and a session-wide trained run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcltool.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.toml"
+
+# A few seconds of training on CPU: enough to exercise every code path, not to reach good accuracy.
+TINY_OVERRIDES = ["train.epochs=2", "model.backbone=resnet20", "train.batch_size=128", "device=cpu", "train.log_every=5"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A 2-epoch quickstart recipe whose runs go under tmp_path/runs."""
+    return load_recipe(QUICKSTART, TINY_OVERRIDES + [f"output.runs_dir={tmp_path / 'runs'}"])
+
+
+@pytest.fixture(scope="session")
+def trained_run_template(tmp_path_factory) -> Path:
+    """Train the tiny recipe once per session; tests copy the run directory before using it."""
+    from pcltool.distributed import train_entry
+
+    base = tmp_path_factory.mktemp("trained")
+    recipe = load_recipe(QUICKSTART, TINY_OVERRIDES + [f"output.runs_dir={base / 'runs'}"])
+    return train_entry(recipe, base / "runs" / "tiny", resume=False, console=None)
+
+
+@pytest.fixture
+def trained_run(trained_run_template, tmp_path) -> Path:
+    """A private copy of a finished tiny training run (stages may write into it freely)."""
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run_template, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
