@@ -46,7 +46,9 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PcltoolError as err:
-            _console(stderr=True).print(f"[bold red]error:[/] {err}", markup=True, soft_wrap=True)
+            from rich.markup import escape
+
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", markup=True, soft_wrap=True)
             raise typer.Exit(code=err.exit_code) from None
         except KeyboardInterrupt:
             _console(stderr=True).print("[bold red]interrupted[/] (the run directory keeps what had finished)")

@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the training step")
     compile_mode: str = "default"
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm under torchrun")
+    foreach_ema: bool = Field(True, description="temporal-mean update with foreach kernels (false: a Python loop per tensor)")
+    cpu_fast_path: bool = Field(False, description="on CPU too: bf16 autocast (precision != fp32) and channels_last; "
+                                                   "fast on CPUs with AMX/AVX512-BF16, off so CPU runs stay fp32")
     log_every: int = Field(50, ge=1, description="steps between progress updates (the only host syncs)")
     checkpoint_best: bool = True
 
@@ -122,8 +125,8 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
             raise ValueError("train.milestones must be increasing positive epochs")
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError("train.warmup_epochs must be smaller than train.epochs")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("train.warmup_epochs must not exceed train.epochs")
         return self
 
 

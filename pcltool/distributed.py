@@ -1,10 +1,21 @@
 """Single-process and torchrun training entry points.
 
 Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) every rank builds the same model from the same
-seed, takes every world_size-th sample of the shared epoch order, and DistributedDataParallel averages gradients.
-The global batch is ``train.batch_size`` (each rank takes batch_size / world_size) and the learning rate is the
-recipe's, unchanged, so a recipe means the same optimisation on 1 or N GPUs. The temporal-mean network is updated
-from the (identical) live weights on every rank, so it stays identical too. Only rank 0 writes.
+seed, takes every world_size-th sample of the shared epoch order (the device-resident dataset is sharded the same
+way), and DistributedDataParallel averages gradients.
+
+Global batch and learning rate: ``train.batch_size`` is the global batch (each of the N processes takes
+batch_size / N, which must divide evenly) and ``train.lr`` is used unchanged, so a recipe means the same
+optimisation on 1 or N GPUs. To use a larger global batch, raise ``train.batch_size`` and scale ``train.lr`` with it
+(linear rule, with a few epochs of ``train.warmup_epochs``).
+
+The temporal-mean network is updated from the identical live weights on every rank, so it stays identical; BatchNorm
+statistics are made rank 0's at the end of every epoch. Only rank 0 writes (checkpoints, logs, manifest); on
+``--resume`` rank 0 reads the checkpoint and sends it to the other ranks, so the nodes need not share a filesystem.
+
+Multi-node is the same code under torchrun's rendezvous, e.g. two nodes of 8 GPUs (run on every node):
+``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB
+-m pcltool train RECIPE``.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from pathlib import Path
 from pcltool.errors import UsageError
 
 DEFAULT_TIMEOUT_S = 600
+_LOST_PEER = ("connection closed", "connection reset", "broken pipe", "read error", "timed out", "timeout", "nccl")
 
 
 def _context():
@@ -27,12 +39,17 @@ def _context():
     return DistributedContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def dist_timeout() -> dt.timedelta:
+    """How long a collective waits for a silent rank before failing (``PCLTOOL_DIST_TIMEOUT`` seconds)."""
+    return dt.timedelta(seconds=int(os.environ.get("PCLTOOL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+
+
 def train_entry(recipe, run_path: Path | None, resume: bool, console):
     """Train in this process (rank 0 of 1, or one rank of a torchrun job). Returns the run directory on rank 0."""
     import torch.distributed as dist
 
     from pcltool.data import load_dataset
-    from pcltool.stages.train import load_checkpoint, prepare_run, resolve_device, run_train
+    from pcltool.stages.train import prepare_run, resolve_device, run_train
 
     ctx = _context()
     device = resolve_device(recipe.device, ctx)
@@ -45,21 +62,16 @@ def train_entry(recipe, run_path: Path | None, resume: bool, console):
                                  "are visible; lower --nproc-per-node")
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = dt.timedelta(seconds=int(os.environ.get("PCLTOOL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=dist_timeout())
     try:
         data = load_dataset(recipe.data)  # before any run directory exists: bad data leaves nothing behind
         run, state = None, None
         if ctx.is_main:
             run, state = prepare_run(recipe, run_path, resume)
         if ctx.active:
-            shared = [str(run.path) if run else None, state is not None]
+            shared = [state]  # the checkpoint (CPU tensors) or None; other ranks need no access to the run dir
             dist.broadcast_object_list(shared, src=0)
-            if not ctx.is_main and shared[1]:
-                from pcltool.manifest import RunDir
-
-                rd = RunDir.open(Path(shared[0]))
-                state = load_checkpoint(rd.resolve(rd.stage("train")["outputs"]["checkpoint"]["path"]))
+            state = shared[0]
         try:
             run_train(recipe, data, device, run, state, ctx, console if ctx.is_main else None)
         finally:
@@ -68,28 +80,40 @@ def train_entry(recipe, run_path: Path | None, resume: bool, console):
         return run.path if run else None
     except Exception as err:
         if ctx.active:
+            _record_for_torchrun(err)
             from pcltool.errors import PcltoolError
 
             if not isinstance(err, PcltoolError):
-                raise RuntimeError(f"rank {ctx.rank}/{ctx.world_size}: {type(err).__name__}: {err}") from err
+                raise RuntimeError(_rank_message(ctx, err)) from err
         raise
     finally:
         if ctx.active and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``pcltool train ... --nproc N`` -> ``python -m torch.distributed.run --nproc-per-node N -m pcltool train ...``."""
-    import torch
+def _rank_message(ctx, err: BaseException) -> str:
+    text = f"rank {ctx.rank}/{ctx.world_size}: {type(err).__name__}: {err}"
+    if any(word in str(err).lower() for word in _LOST_PEER):
+        text += ("\n(lost contact with another process: it probably failed or was killed first; its own error is "
+                 "in torchrun's report. Continue from the last checkpoint with --resume.)")
+    return text
 
-    if nproc < 1:
-        raise UsageError("--nproc must be >= 1")
-    wants_cpu = "cpu" in argv or any(a in ("device=cpu", "--device=cpu") for a in argv)
-    if not wants_cpu and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) are visible; "
-                         "use at most that many, or --device cpu for CPU processes")
-    if not wants_cpu and not torch.cuda.is_available():
-        raise UsageError("--nproc needs GPUs (none visible); add --device cpu to run CPU processes with gloo")
+
+def _record_for_torchrun(err: BaseException) -> None:
+    """Write the error where torchrun's failure report picks it up (it names the failing rank)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(err)
+    except Exception:  # reporting must never hide the original error
+        pass
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """``pcltool train ... --nproc N`` -> ``python -m torch.distributed.run --standalone --nproc-per-node N
+    -m pcltool train ...`` (``--nproc`` removed)."""
     rest = []
     skip = False
     for a in argv:
@@ -102,6 +126,29 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pcltool", *rest]
-    return subprocess.call(cmd)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--max-restarts=0", "-m", "pcltool", *rest]
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``argv`` (a ``pcltool train`` command line) as ``nproc`` processes on this machine; returns the exit code.
+
+    A failing process makes torchrun stop the others; its report names the rank, and a line here says how to go on."""
+    import torch
+
+    if nproc < 1:
+        raise UsageError("--nproc must be >= 1")
+    wants_cpu = "cpu" in argv or any(a in ("device=cpu", "--device=cpu") for a in argv)
+    if not wants_cpu and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                         "use at most that many, or --device cpu for CPU processes")
+    if not wants_cpu and not torch.cuda.is_available():
+        raise UsageError("--nproc needs GPUs (none visible); add --device cpu to run CPU processes with gloo")
+    env = dict(os.environ)
+    env.setdefault("PCLTOOL_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    code = subprocess.call(torchrun_command(nproc, argv), env=env)
+    if code != 0:
+        print(f"pcltool: the {nproc}-process training job failed (exit code {code}); torchrun's report above names "
+              "the first failing rank and its error. Fix the cause, then continue from the last checkpoint with the "
+              "same command plus --resume.", file=sys.stderr)
+    return code

@@ -1,14 +1,22 @@
 """The PCL training loop: live network, temporal-mean network, optimiser, schedule, augmentation generators.
 
 No files, no printing: the ``train`` stage drives a :class:`PCLTrainer` and owns checkpoints, logs and the
-manifest. The same code runs on CPU (tests), one GPU, and under torchrun (``distributed`` set).
+manifest. The same code runs on CPU (tests), one GPU, and under torchrun (``dist_ctx`` active).
+
+The fast path, each piece a recipe switch so ``pcltool bench-train`` can measure it: the uint8 dataset held on
+the device (``data.on_device``), the m views augmented together on the device and sent through the trunk as one
+batch (``train.batched_views``), channels_last (``train.channels_last``), bf16/fp16 autocast
+(``train.precision``), fused/foreach SGD (``train.fused_optimizer``), a foreach temporal-mean update
+(``train.foreach_ema``), loss parts summed on the device and read once per log interval, and optionally
+``torch.compile`` of the forward + loss (``train.compile``, ``train.compile_mode``; ``"reduce-overhead"`` adds
+CUDA graphs). On CPU, precision and channels_last apply only with ``train.cpu_fast_path``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +26,7 @@ from torch import nn
 from pcltool.config import Recipe
 from pcltool.data.augment import ViewMaker
 from pcltool.data.splits import DatasetBundle
+from pcltool.errors import UsageError
 from pcltool.evaluate import evaluate_networks
 from pcltool.models import PCLNetwork
 from pcltool.optim import build_optimizer, build_scheduler
@@ -66,6 +75,32 @@ def loss_weights(recipe: Recipe) -> PCLLossWeights:
         mean_kd_reduction=p.mean_kd_reduction, rampup_ensemble=p.rampup_ensemble)
 
 
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """Seed of the epoch's sample order (CPU generator, identical on every rank and in the reference path)."""
+    return seed * 1_000_003 + epoch
+
+
+def autocast_dtype_for(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32). CPU: bf16 only, with cpu_fast_path."""
+    if cfg.precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    if device.type == "cpu" and cfg.cpu_fast_path:
+        return torch.bfloat16
+    return None
+
+
+def uses_channels_last(cfg, device: torch.device) -> bool:
+    return cfg.channels_last and (device.type == "cuda" or (device.type == "cpu" and cfg.cpu_fast_path))
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class PCLTrainer:
     def __init__(self, recipe: Recipe, data: DatasetBundle, device: torch.device,
                  dist_ctx: DistributedContext | None = None):
@@ -74,13 +109,21 @@ class PCLTrainer:
         self.device = device
         self.dist = dist_ctx or DistributedContext()
         cfg = recipe.train
+        if self.dist.active and cfg.batch_size % self.dist.world_size:
+            raise UsageError(f"train.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
+                             f"number of processes ({self.dist.world_size})")
+        if len(data.train) < self.dist.world_size:
+            raise UsageError("fewer training images than processes")
         torch.manual_seed(recipe.seed)
         self.live, self.mean = build_networks(recipe, data.num_classes, data.in_channels)
         if cfg.sync_batchnorm and self.dist.active:
+            if device.type != "cuda":
+                raise UsageError("train.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm does not run on "
+                                 "CPU); set train.sync_batchnorm=false for CPU processes")
             self.live = nn.SyncBatchNorm.convert_sync_batchnorm(self.live)
         self.live.to(device)
         self.mean.to(device)
-        self.channels_last = cfg.channels_last and device.type == "cuda"
+        self.channels_last = uses_channels_last(cfg, device)
         if self.channels_last:
             self.live.to(memory_format=torch.channels_last)
             self.mean.to(memory_format=torch.channels_last)
@@ -88,15 +131,11 @@ class PCLTrainer:
         if self.dist.active:
             ids = [device.index] if device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.live, device_ids=ids)
-        if data.train.__len__() < self.dist.world_size:
-            raise ValueError("fewer training images than ranks")
-        self.local_batch = max(1, cfg.batch_size // self.dist.world_size)
+        self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = data.train.num_batches(self.local_batch, shard=(0, self.dist.world_size))
         self.optimizer = build_optimizer(self.live.parameters(), cfg, device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.autocast_dtype = None
-        if device.type == "cuda" and cfg.precision != "fp32":
-            self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        self.autocast_dtype = autocast_dtype_for(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         # shuffle order on the CPU (same on every rank); augmentation on the device. Both are re-seeded from
         # (seed, epoch[, rank]) at the start of every epoch, so a resumed run draws exactly the same numbers.
@@ -107,11 +146,14 @@ class PCLTrainer:
         self.weights = loss_weights(recipe)
         self.use_mean_teachers = self.weights.kd_mean and recipe.num_branches > 1
         self._ema_pairs = self._collect_ema_tensors()
+        self._rampup = torch.zeros((), device=device)
         self.epoch = 0  # completed epochs
         self.step = 0  # optimiser steps taken
-        self._step_fn = self._train_step
+        self.compiled = cfg.compile
+        self.compile_seconds: float | None = None  # first compiled forward + backward (compile + one step)
+        self._forward_fn = self._forward_loss
         if cfg.compile:
-            self._step_fn = torch.compile(self._train_step, mode=cfg.compile_mode)
+            self._forward_fn = torch.compile(self._forward_loss, mode=cfg.compile_mode)
 
     # --- the method ---------------------------------------------------------------------------------------------
     def _collect_ema_tensors(self):
@@ -128,15 +170,26 @@ class PCLTrainer:
                 ints_live.append(live_t.data)
         return floats_mean, floats_live, ints_mean, ints_live
 
+    @torch.no_grad()
     def update_mean(self) -> None:
-        """θ' ← α θ' + (1 − α) θ after the optimiser step, α = min(1 − 1/(step + 1), decay)."""
+        """θ' ← α θ' + (1 − α) θ after the optimiser step, α = min(1 − 1/(step + 1), decay); one foreach launch
+        for all tensors, or (``train.foreach_ema = false``) a Python loop over them."""
         floats_mean, floats_live, ints_mean, ints_live = self._ema_pairs
-        ema_update(floats_mean, floats_live, ema_decay(self.step, self.recipe.pcl.ema_decay))
+        alpha = ema_decay(self.step, self.recipe.pcl.ema_decay)
+        if self.recipe.train.foreach_ema:
+            ema_update(floats_mean, floats_live, alpha)
+        else:
+            for dst, src in zip(floats_mean, floats_live):
+                dst.mul_(alpha).add_(src, alpha=1.0 - alpha)
         for dst, src in zip(ints_mean, ints_live):
             dst.copy_(src)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, rampup_weight: torch.Tensor):
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, rampup_weight: torch.Tensor):
+        """uint8 batch -> m views on the device -> live and mean forwards -> (total loss, stacked loss parts)."""
         views = self.view_maker.views(images, self.recipe.num_branches, self.augment_gen)  # (m, N, C, H, W)
+        if self.channels_last:
+            m, n = views.shape[:2]
+            views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (m, n))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             peer_logits, ensemble_logits = self.model(views)  # (m, N, K), (N, K)
             mean_logits = None
@@ -144,35 +197,58 @@ class PCLTrainer:
                 with torch.no_grad():
                     mean_logits = self.mean(views)[0]  # mean teacher k on view k
             parts = pcl_loss(peer_logits, ensemble_logits, mean_logits, labels, rampup_weight, self.weights)
+        return parts["total"], torch.stack([parts[k].detach().float() for k in LOSS_PARTS])
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch_float: float) -> torch.Tensor:
+        """One optimiser step and temporal-mean update on a uint8 batch. Returns the loss parts (``LOSS_PARTS``
+        order) as a device tensor; nothing here waits for the device."""
+        self._rampup.fill_(ramp_up(epoch_float, self.recipe.pcl.rampup_epochs))
+        timing = self.compiled and self.compile_seconds is None
+        start = _sync(self.device) if timing else 0.0
+        total, parts = self._forward_fn(images, labels, self._rampup)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(parts["total"]).backward()
+        self.scaler.scale(total).backward()
+        if timing:
+            self.compile_seconds = _sync(self.device) - start
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return torch.stack([parts[k].detach().float() for k in LOSS_PARTS])
+        self.scheduler.step()
+        self.update_mean()
+        self.step += 1
+        return parts
 
     # --- loops --------------------------------------------------------------------------------------------------
-    def train_epoch(self, on_log: Callable[[dict], None] | None = None) -> dict:
-        """One epoch. Loss parts are summed on the device and read once per ``log_every`` steps (the only syncs)."""
-        cfg = self.recipe.train
+    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's uint8 batches of epoch ``self.epoch`` on the device; re-seeds the shuffle and augmentation
+        generators. With ``data.on_device = false`` the split stays in host memory and each batch is copied."""
         seed = self.recipe.seed
-        self.shuffle_gen.manual_seed(seed * 1_000_003 + self.epoch)
-        self.augment_gen.manual_seed((seed * 1_000_003 + self.epoch) * 4099 + 1 + self.dist.rank)
+        self.shuffle_gen.manual_seed(shuffle_seed(seed, self.epoch))
+        self.augment_gen.manual_seed(shuffle_seed(seed, self.epoch) * 4099 + 1 + self.dist.rank)
+        host = not self.recipe.data.on_device and self.device.type != "cpu"
+        source = torch.device("cpu") if host else self.device
+        batches = self.data.train.batches(self.local_batch, source, shuffle=True, generator=self.shuffle_gen,
+                                          shard=(self.dist.rank, self.dist.world_size), even_shards=True)
+        for images, labels in batches:
+            if host:
+                images = images.pin_memory().to(self.device, non_blocking=True)
+                labels = labels.pin_memory().to(self.device, non_blocking=True)
+            yield images, labels
+
+    def train_epoch(self, on_log: Callable[[dict], None] | None = None) -> dict:
+        """One epoch. Loss parts are summed on the device and read once per ``log_every`` steps (the only syncs).
+
+        ``images_per_s`` leaves out the first compiled step (reported as ``compile_seconds``)."""
+        cfg = self.recipe.train
         self.live.train()
         self.mean.train()
         sums = torch.zeros(len(LOSS_PARTS), device=self.device)
         window = torch.zeros(len(LOSS_PARTS), device=self.device)
         window_steps, window_images, images_seen = 0, 0, 0
+        compile_before = self.compile_seconds
         start = window_start = time.perf_counter()
-        rampup_tensor = torch.zeros((), device=self.device)
-        batches = self.data.train.batches(self.local_batch, self.device, shuffle=True, generator=self.shuffle_gen,
-                                          shard=(self.dist.rank, self.dist.world_size), even_shards=True)
-        for i, (images, labels) in enumerate(batches):
+        for i, (images, labels) in enumerate(self.epoch_batches()):
             epoch_float = self.epoch + i / self.steps_per_epoch
-            rampup_tensor.fill_(ramp_up(epoch_float, self.recipe.pcl.rampup_epochs))
-            parts = self._step_fn(images, labels, rampup_tensor)
-            self.scheduler.step()
-            self.update_mean()
-            self.step += 1
+            parts = self.train_step(images, labels, epoch_float)
             sums += parts
             window += parts
             window_steps += 1
@@ -191,17 +267,31 @@ class PCLTrainer:
                 })
                 window.zero_()
                 window_steps, window_images, window_start = 0, 0, now
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed = _sync(self.device) - start
         if self.dist.active:
             dist.all_reduce(sums)
             sums /= self.dist.world_size
+            self._broadcast_buffers()
         means = (sums / max(self.steps_per_epoch, 1)).tolist()
         self.epoch += 1
-        return {**dict(zip(LOSS_PARTS, means)), "seconds": elapsed, "images_per_s": images_seen / max(elapsed, 1e-9)}
+        stats = {**dict(zip(LOSS_PARTS, means)), "seconds": elapsed}
+        compile_s = self.compile_seconds if compile_before is None and self.compile_seconds is not None else 0.0
+        stats["images_per_s"] = images_seen / max(elapsed - compile_s, 1e-9)
+        if compile_s:
+            stats["compile_seconds"] = compile_s
+        return stats
+
+    def _broadcast_buffers(self) -> None:
+        """Make every rank hold rank 0's BatchNorm statistics, live and mean.
+
+        DDP broadcasts the live buffers before each forward, but the forward then updates them from the rank's
+        own shard, and the temporal mean averages those; the weights themselves never differ across ranks."""
+        for net in (self.live, self.mean):
+            for buf in net.buffers():
+                dist.broadcast(buf, src=0)
 
     def evaluate(self, split) -> dict:
+        """Accuracy of every branch over the whole ``split`` (each rank scores its shard; counts are summed)."""
         return evaluate_networks(self.live, self.mean, split, self.view_maker, self.device,
                                  batch_size=max(256, self.local_batch), autocast_dtype=self.autocast_dtype,
                                  shard=(self.dist.rank, self.dist.world_size))

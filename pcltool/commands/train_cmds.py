@@ -1,1 +1,51 @@
-"""(placeholder: commands are registered here)"""
+"""Training-side commands: ``bench-train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pcltool.cli import Device, _console, app, handle_errors
+
+
+@app.command("bench-train")
+@handle_errors
+def bench_train(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/cifar10.toml")],
+    steps: Annotated[int, typer.Option("--steps", help="timed steps per variant")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed steps before the timed ones (the first is reported apart)")] = 2,
+    device: Annotated[Device, typer.Option("--device", help="where to train")] = Device.auto,
+    set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.batch_size=128 (repeatable)")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: <runs_dir>/bench-train-<recipe name>.json)")] = None,
+    skip: Annotated[list[str], typer.Option("--skip", help="leave out a variant: reference, data_on_device, batched_views, channels_last, autocast, fused_optimizer, foreach_ema, compile (repeatable)")] = [],  # noqa: B006
+    repeat: Annotated[int, typer.Option("--repeat", help="run all variants N times, interleaved; keep each one's fastest")] = 1,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers of the reference path (default: one per CPU core)")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch ops (default: PyTorch's choice)")] = None,
+):
+    """Measure training speed: (a) pcltool's path, (b) the reference path built like the public reproductions,
+    and (a) with each fast-path piece switched off in turn. Prints a table (images/s, step time, peak GPU memory,
+    (a)/(b)) and writes a JSON report."""
+    from pcltool.config import load_recipe
+    from pcltool.data import load_dataset
+    from pcltool.stages.bench_train import report_table, run_bench_train, write_report
+    from pcltool.stages.train import resolve_device
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    overrides = list(set_) + ([f"device={device.value}"] if device != Device.auto else [])
+    cfg = load_recipe(recipe, overrides)
+    dev = resolve_device(cfg.device)
+    data = load_dataset(cfg.data)
+    console = _console()
+    report = run_bench_train(cfg, data, dev, steps=steps, warmup=warmup, skip=tuple(skip), repeat=repeat,
+                             workers=workers, progress=lambda v: console.print(f"measuring {v.name} ..."))
+    console.print(report_table(report))
+    if report["speedup_a_over_b"] is not None:
+        console.print(f"(a)/(b) = {report['speedup_a_over_b']:.2f}x")
+    path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-{cfg.name}.json"
+    write_report(report, path)
+    console.print(f"report: {path}")

@@ -1,0 +1,503 @@
+"""``pcltool bench``: accuracy and latency of every available backend and precision, side by side.
+
+Rows: the deployed (pruned) network in PyTorch eager (and ``torch.compile``), every ONNX Runtime engine the run
+has built (CPU, CUDA and TensorRT execution providers where present), every TensorRT engine — plus, as reference
+points in PyTorch eager, the unpruned multi-branch network answering with the same branch and the peer-ensemble
+teacher, so the table shows what pruning bought. Each row: top-1 (top-5 for >= 100 classes) on the test split,
+size, params, FLOPs, and per batch size p50/p90/p99 latency, throughput and the coefficient of variation
+(:mod:`pcltool.runtime.timing`); CPU rows also show how far they are from the FLOP floor (FLOPs / measured peak).
+
+``bench.json`` and ``bench.csv`` are rewritten after every measurement, so an interrupted bench keeps what had
+finished; ``bench.png`` plots accuracy against latency per batch size with the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageError
+from pcltool.manifest import RunDir, atomic_path, atomic_write_text, now
+from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
+from pcltool.stages.select import holding_lock
+
+BENCH_JSON, BENCH_CSV, BENCH_PNG = "bench.json", "bench.csv", "bench.png"
+ENGINE_CHOICES = ("torch", "torch-compile", "ort", "trt", "all")
+DEFAULT_BATCHES = (1, 8, 64, 256)
+CSV_FIELDS = ("model", "role", "backend", "provider", "precision", "device", "status", "size_mb", "params", "flops",
+              "top1", "top5", "batch", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput", "cv", "iterations",
+              "stable", "flop_floor_ms", "x_floor", "note")
+
+
+@dataclass
+class Variant:
+    """One row of the table: a model on one backend/precision/device, created lazily by ``make``."""
+
+    model: str
+    role: str  # "deployed", "unpruned", "teacher"
+    backend: str
+    precision: str
+    device: str
+    make: Callable[[], object] | None
+    params: int | None = None
+    flops: int | None = None
+    size_bytes: int | None = None
+    artifact: str | None = None
+    provider: str = ""
+    status: str = "pending"
+    note: str = ""
+    input_format: str = FLOAT_FORMAT
+    top1: float | None = None
+    top5: float | None = None
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        via = f"/{self.provider}" if self.provider else ""
+        return f"{self.model} | {self.backend}{via} {self.precision} {self.device}"
+
+    def summary(self) -> dict:
+        return {"key": self.key, "model": self.model, "role": self.role, "backend": self.backend,
+                "provider": self.provider, "precision": self.precision, "device": self.device, "status": self.status,
+                "note": self.note, "artifact": self.artifact, "size_mb": _mb(self.size_bytes), "params": self.params,
+                "flops": self.flops, "top1": self.top1, "top5": self.top5}
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
+
+
+def parse_batches(text: str | tuple) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(",") if b.strip()) if isinstance(text, str) else tuple(text)
+    except ValueError:
+        batches = ()
+    if not batches or any(b < 1 for b in batches):
+        raise UsageError(f"--batch {text}: expected positive batch sizes separated by commas, e.g. 1,8,64,256")
+    return batches
+
+
+def parse_engines(text: str | tuple) -> tuple[str, ...]:
+    names = [e.strip() for e in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [e for e in names if e not in ENGINE_CHOICES]
+    if unknown or not names:
+        raise UsageError(f"unknown engine {', '.join(unknown) or '(none)'}; allowed: {', '.join(ENGINE_CHOICES)}")
+    if "all" in names:
+        return ("torch", "torch-compile", "ort", "trt")
+    return tuple(dict.fromkeys(names))
+
+
+# --- the models -----------------------------------------------------------------------------------------------------
+class BranchOf(nn.Module):
+    """The whole multi-branch network (every peer and the ensemble head run) answering with one peer's logits."""
+
+    def __init__(self, net: nn.Module, index: int):
+        super().__init__()
+        self.net, self.index = net, index
+
+    def forward(self, x):
+        return self.net(x)[0][self.index]
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _load_models(run: RunDir, candidate: str) -> dict:
+    """The deployed network (``prune:<candidate>``), and from the checkpoint it was cut from: the multi-branch
+    network answering with the same branch, and the peer-ensemble teacher."""
+    from pcltool.models import EnsembleTeacher
+    from pcltool.stages.prune import load_pruned
+    from pcltool.stages.select import load_run, parse_candidate
+
+    models: dict = {}
+    weights = run.artifact(f"prune:{candidate}", "weights", hint=f"pcltool prune {run.path} --peer {candidate}")
+    card = json.loads(run.artifact(f"prune:{candidate}", "card").read_text())
+    models["pruned"] = (load_pruned(weights, card), weights.stat().st_size, run.relative(weights))
+    loaded = load_run(run, card.get("checkpoint", "last"), torch.device("cpu"))
+    source, index = parse_candidate(candidate)
+    net = loaded.network(source)
+    if index is not None:
+        models["unpruned"] = BranchOf(net, index)
+    if net.ensemble_head is not None:
+        models["teacher"] = EnsembleTeacher(net).eval()
+    return models
+
+
+def plan_variants(run: RunDir, candidate: str, onnx_path: Path, data, engines: tuple[str, ...], device: str,
+                  threads: int, input_format: str) -> list[Variant]:
+    from pcltool.runtime.torch_engine import TorchEngine
+    from pcltool.stages.select import count_flops, count_params
+
+    input_size = [data.in_channels, data.image_size, data.image_size]
+    models = _load_models(run, candidate)
+    model, size, artifact = models["pruned"]
+    params, flops = count_params(model), count_flops(model, input_size)
+    deployed = f"{candidate} (pruned)"
+    variants: list[Variant] = []
+    for kind in ("torch", "torch-compile"):
+        if kind in engines:
+            for precision in ("fp32", "fp16", "bf16") if device == "cuda" else ("fp32",):
+                variants.append(Variant(deployed, "deployed", kind, precision, device,
+                                        lambda p=precision, c=kind != "torch": TorchEngine(model, device, p, c),
+                                        params, flops, size, artifact))
+    if "torch" in engines:
+        references = (("unpruned", lambda net: f"pcl-network ({net.net.num_peers} branches, unpruned)"),
+                      ("teacher", lambda net: "ensemble teacher"))
+        for role, name in references:
+            if role in models:
+                net = models[role]
+                variants.append(Variant(name(net), role, "torch", "fp32", device,
+                                        lambda n=net: TorchEngine(n, device), count_params(net),
+                                        count_flops(net, input_size), _tensor_bytes(net)))
+    if "ort" in engines:
+        variants += _ort_variants(run, candidate, onnx_path, deployed, device, threads, params, flops)
+    if "trt" in engines:
+        variants += _trt_variants(run, candidate, deployed, device, params, flops)
+    for v in variants:
+        if v.backend in ("ort", "trt"):
+            v.input_format = input_format
+    return variants
+
+
+def _built(run: RunDir, engine: str, candidate: str) -> dict[str, Path]:
+    """precision -> engine path of every finished ``build:<engine>-<precision>:<candidate>`` (sha256-checked)."""
+    found = {}
+    for key, rec in run.read()["stages"].items():
+        parts = key.split(":")
+        if len(parts) == 3 and parts[0] == "build" and parts[2] == candidate and rec.get("status") == "done":
+            kind, precision = parts[1].split("-", 1)
+            if kind == engine:
+                found[precision] = run.artifact(key, "engine")
+    return found
+
+
+def _ort_variants(run, candidate, onnx_path, deployed, device, threads, params, flops) -> list[Variant]:
+    from pcltool.runtime.ort import PROVIDERS, OrtEngine, available_providers
+
+    built = _built(run, "ort", candidate)
+    built.setdefault("fp32", onnx_path)  # ORT applies the same optimisations online
+    if device == "cpu":
+        wanted = [(p, None) for p in ("fp32", "int8") if p in built]
+    else:
+        wanted = [(p, None) for p in ("fp32", "fp16") if p in built]
+        if PROVIDERS["tensorrt"] in available_providers():
+            wanted.append(("fp32", "tensorrt"))
+    variants = []
+    for precision, provider in wanted:
+        path = built[precision]
+        v = Variant(deployed, "deployed", "ort", precision, device,
+                    lambda p=path, pr=precision, pv=provider: OrtEngine(p, device, pr, pv, threads),
+                    params, flops, path.stat().st_size, run.relative(path),
+                    provider=provider or ("cuda" if device == "cuda" else "cpu"))
+        variants.append(v)
+    if device == "cuda" and "fp16" not in built:
+        variants.append(Variant(deployed, "deployed", "ort", "fp16", device, None, params, flops, provider="cuda",
+                                status="skipped", note="not built: pcltool build RUN --engine ort --precision fp16"))
+    return variants
+
+
+def _trt_variants(run, candidate, deployed, device, params, flops) -> list[Variant]:
+    from pcltool.runtime.tensorrt import TrtEngine, tensorrt_available
+
+    built = _built(run, "trt", candidate)
+    if not built:
+        return [Variant(deployed, "deployed", "trt", "-", device, None, params, flops, status="skipped",
+                        note="no TensorRT engine built: pcltool build RUN --engine trt")]
+    reason = ("TensorRT engines run on a GPU: use --device cuda" if device != "cuda"
+              else None if tensorrt_available() else "TensorRT is not installed (pip install 'pcltool[tensorrt]')")
+    return [Variant(deployed, "deployed", "trt", precision, "cuda", None if reason else (lambda p=path, pr=precision:
+                    TrtEngine(p, pr)), params, flops, path.stat().st_size, run.relative(path),
+                    status="skipped" if reason else "pending", note=reason or "")
+            for precision, path in sorted(built.items())]
+
+
+# --- measuring ------------------------------------------------------------------------------------------------------
+def _topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return 100.0 * float((top == labels[:, None]).any(1).mean())
+
+
+def _batch_of(test_batches: list[np.ndarray], n: int) -> np.ndarray:
+    images = np.concatenate(test_batches[: -(-n // test_batches[0].shape[0])])
+    reps = -(-n // images.shape[0])
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:n]) if reps > 1 else np.ascontiguousarray(images[:n])
+
+
+class BenchFiles:
+    """bench.json / bench.csv, rewritten atomically after every measurement."""
+
+    def __init__(self, run: RunDir, header: dict):
+        self.run, self.header = run, header
+        self.variants: list[Variant] = []
+
+    def save(self, status: str) -> None:
+        doc = {**self.header, "status": status, "updated": now(), "variants": [v.summary() for v in self.variants],
+               "results": [{"variant": v.key, **r} for v in self.variants for r in v.results]}
+        atomic_write_text(self.run.path / BENCH_JSON, json.dumps(doc, indent=2) + "\n")
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for v in self.variants:
+            for row in v.results or [{}]:
+                writer.writerow({**v.summary(), **row, "params": v.params, "flops": v.flops})
+        atomic_write_text(self.run.path / BENCH_CSV, out.getvalue())
+
+
+def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATCHES, device: str = "auto",
+              threads: int | None = None, peer: str | None = None, max_seconds: float = 3.0, console=None) -> dict:
+    """Benchmark, write bench.json/csv/png, record the ``bench`` stage; returns the bench.json document."""
+    from pcltool.runtime import hardware
+
+    engines, batches = parse_engines(engines), parse_batches(batches)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: allowed auto, cpu, cuda")
+    threads = threads or torch.get_num_threads()
+    with holding_lock(run):
+        candidate, onnx_path = resolve_export(run, peer)
+        from pcltool.runtime.ort import read_metadata
+
+        meta = read_metadata(onnx_path)
+        data = load_run_data(run, meta)
+        params = {"engines": list(engines), "batches": list(batches), "device": device, "threads": threads,
+                  "candidate": candidate, "max_seconds": max_seconds}
+        inputs = {"onnx": onnx_path, **_bench_inputs(run, candidate)}
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with run.running("bench", params, inputs):
+                doc = _bench(run, candidate, onnx_path, meta, data, engines, batches, device, threads,
+                             max_seconds, params, hardware, console)
+                outputs = {"json": run.path / BENCH_JSON, "csv": run.path / BENCH_CSV}
+                if (run.path / BENCH_PNG).exists():
+                    outputs["plot"] = run.path / BENCH_PNG
+                best = _best_rows(doc)
+                run.finish("bench", outputs, {"variants": len(doc["variants"]), "best": best})
+        finally:
+            torch.set_num_threads(previous_threads)
+    return doc
+
+
+def _bench_inputs(run: RunDir, candidate: str) -> dict[str, Path]:
+    """Every artifact the bench reads, so ``pcltool run`` can tell when it is stale."""
+    found = {"checkpoint": run.artifact("train", "checkpoint")}
+    for key, rec in run.read()["stages"].items():
+        if rec.get("status") == "done" and key.startswith(("build:", "prune:")) and key.endswith(f":{candidate}"):
+            for name in rec["outputs"]:
+                found[f"{key}/{name}"] = run.artifact(key, name)
+    return found
+
+
+def _bench(run, candidate, onnx_path, meta, data, engines, batches, device, threads, max_seconds, params, hardware,
+           console) -> dict:
+    from pcltool.runtime.timing import measure
+
+    cpu = hardware.cpu_info()
+    header = {"schema": 1, "run": str(run.path), "run_id": run.run_id, "candidate": candidate, "started": now(),
+              "settings": params, "split": "test",
+              "hardware": {"cpu": cpu, "gpu": hardware.gpu_info()}, "software": hardware.library_versions()}
+    if device == "cpu":
+        header["hardware"]["peak_fp32"] = {"measured": hardware.measure_peak_fp32(threads),
+                                           "nominal": hardware.nominal_peak_fp32(cpu, threads)}
+    peak = header["hardware"].get("peak_fp32", {}).get("measured", {}).get("gflops")
+    files = BenchFiles(run, header)
+    input_format = meta.get("input_format", FLOAT_FORMAT)
+    files.variants = plan_variants(run, candidate, onnx_path, data, engines, device, threads, input_format)
+    tests = {fmt: split_arrays(data, data.test, fmt) for fmt in {v.input_format for v in files.variants}}
+    top5 = data.num_classes >= 100
+    todo = [v for v in files.variants if v.status == "pending"]
+    files.save("running")
+    progress = _progress(console, len(todo) * (len(batches) + 1))
+    try:
+        with progress:
+            for v in todo:
+                task = f"{v.model} · {v.backend} {v.precision}"
+                test_batches, test_labels = tests[v.input_format]
+                try:
+                    engine = v.make()
+                    logits = engine.predict_all(test_batches)
+                except (BackendUnavailableError, EngineMismatchError) as err:
+                    v.status, v.note = "skipped", str(err)
+                    progress.advance(len(batches) + 1, task)
+                    files.save("running")
+                    continue
+                except Exception as err:  # e.g. torch.compile without a working compiler: recorded, not fatal
+                    v.status, v.note = "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    progress.advance(len(batches) + 1, task)
+                    files.save("running")
+                    continue
+                v.top1 = _topk(logits, test_labels, 1)
+                v.top5 = _topk(logits, test_labels, 5) if top5 else None
+                v.status = "ok"
+                progress.advance(1, task)
+                for b in batches:
+                    if b < engine.min_batch or (engine.max_batch is not None and b > engine.max_batch):
+                        v.results.append({"batch": b, "note": f"outside the engine's profile "
+                                                              f"{engine.min_batch}..{engine.max_batch}"})
+                    else:
+                        t = measure(engine, _batch_of(test_batches, b), max_seconds=max_seconds).as_dict()
+                        if peak and v.device == "cpu" and v.flops:
+                            t["flop_floor_ms"] = v.flops * b / (peak * 1e9) * 1e3
+                            t["x_floor"] = t["p50_ms"] / t["flop_floor_ms"]
+                        v.results.append(t)
+                    progress.advance(1, f"{task} · batch {b}")
+                    files.save("running")
+                engine.close()
+    except BaseException:
+        files.save("interrupted")
+        raise
+    files.header["finished"] = now()
+    files.save("done")
+    doc = json.loads((run.path / BENCH_JSON).read_text())
+    plot(doc, run.path / BENCH_PNG)
+    return doc
+
+
+def _best_rows(doc: dict) -> dict:
+    """Per batch size: the fastest variant (p50) — a one-line answer in the manifest."""
+    best = {}
+    for r in doc["results"]:
+        if "p50_ms" in r and (r["batch"] not in best or r["p50_ms"] < best[r["batch"]]["p50_ms"]):
+            best[r["batch"]] = {"variant": r["variant"], "p50_ms": r["p50_ms"]}
+    return {str(k): v for k, v in sorted(best.items())}
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: int, description: str) -> None:
+        pass
+
+
+class _Progress:
+    def __init__(self, console, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=console, transient=True)
+        self.task = self.progress.add_task("", total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, n: int, description: str) -> None:
+        self.progress.update(self.task, advance=n, description=description)
+
+
+def _progress(console, total: int):
+    return _Progress(console, total) if console is not None else _NoProgress()
+
+
+# --- reporting ------------------------------------------------------------------------------------------------------
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both latency (lower) and accuracy (higher), by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Accuracy against p50 latency, one panel per batch size, Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = {v["key"]: v for v in doc["variants"] if v["status"] == "ok"}
+    batches = sorted({r["batch"] for r in doc["results"] if "p50_ms" in r})
+    if not batches:
+        return
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        rows = [(r["p50_ms"], variants[r["variant"]]["top1"], r["variant"]) for r in doc["results"]
+                if r["batch"] == b and "p50_ms" in r and r["variant"] in variants]
+        front = pareto_front([(x, y) for x, y, _ in rows])
+        for i, (x, y, key) in enumerate(rows):
+            model, engine = key.split(" | ")
+            ax.scatter(x, y, s=60 if i in front else 30, marker="o" if i in front else "x",
+                       color="tab:red" if i in front else "tab:gray", zorder=3)
+            ax.annotate(f"{model.split(' (')[0]} {engine}", (x, y), fontsize=6.5, xytext=(4, 3),
+                        textcoords="offset points")
+        if front:
+            fx, fy = zip(*[(rows[i][0], rows[i][1]) for i in front])
+            ax.step(fx, fy, where="post", color="tab:red", linewidth=1, label="Pareto front")
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency per batch (ms, log)")
+        ax.set_ylabel(f"top-1 on the {doc.get('split', 'test')} split (%)")
+        ax.set_title(f"batch {b}")
+        ax.grid(True, which="both", alpha=0.3)
+    cpu = doc["hardware"]["cpu"].get("model", "")
+    gpu = (doc["hardware"].get("gpu") or {}).get("name")
+    fig.suptitle(f"{doc['candidate']}: accuracy vs latency — {gpu or cpu}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def bench_table(doc: dict):
+    """A rich table: one line per variant and batch size."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    hw = doc["hardware"]
+    peak = hw.get("peak_fp32", {}).get("measured")
+    gpu = (hw.get("gpu") or {}).get("name")
+    title = (f"{doc['candidate']} · {hw['cpu'].get('model')} ({hw['cpu'].get('usable_cpus')} CPUs)"
+             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} threads"
+             + (f" · peak {peak['gflops']:.0f} GFLOP/s" if peak else ""))
+    table = Table(title=title, title_style="bold")
+    for col in ("model", "engine", "prec", "size MB", "params M", "MFLOPs", "top-1", "batch", "p50 ms", "p90 ms",
+                "p99 ms", "img/s", "CV", "x floor"):
+        table.add_column(col, justify="left" if col in ("model", "engine", "prec") else "right")
+    results: dict[str, list[dict]] = {}
+    for r in doc["results"]:
+        results.setdefault(r["variant"], []).append(r)
+    for v in doc["variants"]:
+        engine = v["backend"] + (f"/{v['provider']}" if v["provider"] else "")
+        acc = "-" if v["top1"] is None else f"{v['top1']:.2f}" + (f" / {v['top5']:.2f}" if v["top5"] else "")
+        head = [v["model"], engine, v["precision"], _fmt(v["size_mb"], ".2f"),
+                _fmt(v["params"] / 1e6 if v["params"] else None, ".3f"),
+                _fmt(v["flops"] / 1e6 if v["flops"] else None, ".1f"), acc]
+        if v["status"] != "ok":
+            table.add_row(*head, "", f"[yellow]{v['status']}[/]: {escape(v['note'])}", *[""] * 6)
+            continue
+        for i, r in enumerate(results.get(v["key"], [])):
+            cells = head if i == 0 else [""] * len(head)
+            if "p50_ms" not in r:
+                table.add_row(*cells, str(r["batch"]), escape(r.get("note", "")), *[""] * 5)
+                continue
+            cv = f"{100 * r['cv']:.1f}%" + ("" if r["stable"] else " [yellow]![/]")
+            table.add_row(*cells, str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                          f"{r['throughput']:.0f}", cv, _fmt(r.get("x_floor"), ".2f"))
+    return table
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)

@@ -1,0 +1,340 @@
+"""``pcltool build``: turn the exported FP32 ONNX model into an engine, and verify it before it is recorded.
+
+Engines: ONNX Runtime (fp32: graph optimisations applied and saved; int8: static Q/DQ quantisation calibrated on
+training images; fp16: for the CUDA execution provider) and TensorRT (a serialized engine with one optimisation
+profile, strongly typed from the fp32 / FP16 / INT8 Q/DQ ONNX). Every engine is compared with the FP32 ONNX model
+on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
+whose top-1 drops more than ``max_top1_drop`` points fails the build, and then nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcltool.errors import BackendUnavailableError, MissingArtifactError, UsageError, VerificationError
+from pcltool.manifest import RunDir
+from pcltool.stages.select import holding_lock
+
+ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "int8")}
+ENGINE_DIR = "engines"
+TIMING_CACHE = "trt-timing.cache"
+DEFAULT_BATCH = (1, 64, 256)
+FP32_RTOL = 1e-3  # fp32 engines: max |diff| <= FP32_RTOL * max(1, max |reference logit|)
+
+
+# --- what is being built ------------------------------------------------------------------------------------------
+def exported_candidates(run: RunDir) -> list[str]:
+    return [key.split(":", 1)[1] for key, rec in run.read()["stages"].items()
+            if key.startswith("export:") and rec.get("status") == "done"]
+
+
+def resolve_export(run: RunDir, peer: str | None) -> tuple[str, Path]:
+    """The candidate name and verified path of its exported ONNX model.
+
+    ``peer`` may be an exported candidate's name or any selector ``pcltool export --peer`` accepts; without it the
+    run's only export is used."""
+    exported = exported_candidates(run)
+    if not exported:
+        raise MissingArtifactError(f"{run.path} has no exported model; run `pcltool export {run.path}` first")
+    if peer is None:
+        if len(exported) > 1:
+            raise UsageError(f"{run.path} has several exported models ({', '.join(exported)}); choose one with --peer")
+        name = exported[0]
+    elif peer in exported:
+        name = peer
+    else:
+        try:
+            from pcltool.stages.export import resolve_candidate
+        except ImportError:
+            raise UsageError(f"--peer {peer}: not an exported candidate of {run.path} "
+                             f"(exported: {', '.join(exported)})") from None
+        name = resolve_candidate(run, peer)
+    return name, run.artifact(f"export:{name}", "onnx", hint=f"pcltool export {run.path} --peer {name}")
+
+
+def parse_batch(text: str | tuple | None) -> tuple[int, int, int]:
+    """``"1,64,256"`` -> (1, 64, 256); one value N means N,N,N."""
+    if text is None:
+        return DEFAULT_BATCH
+    parts = [int(p) for p in str(text).split(",") if p.strip()] if isinstance(text, str) else list(text)
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise UsageError(f"--batch {text}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,64,256")
+    return tuple(parts)
+
+
+# --- data the model is checked on ---------------------------------------------------------------------------------
+FLOAT_FORMAT = "float32-nchw-normalized"  # the export's default input
+RAW_FORMAT = "uint8-nhwc"  # `pcltool export --raw-input`: normalisation inside the graph
+
+
+def load_run_data(run: RunDir, meta: dict):
+    """The run's dataset, after checking that the model's recorded preprocessing is the dataset's."""
+    from pcltool.stages.select import load_data
+    from pcltool.stages.train import recipe_of_run
+
+    data = load_data(recipe_of_run(run))
+    for key, expected in (("mean", data.mean), ("std", data.std)):
+        recorded = meta.get(key)
+        if recorded is not None and not np.allclose(recorded, expected, atol=1e-6):
+            raise VerificationError(f"the model's metadata records {key}={recorded} but the run's dataset uses "
+                                    f"{list(expected)}; re-export the model")
+    if meta.get("input_format", FLOAT_FORMAT) not in (FLOAT_FORMAT, RAW_FORMAT):
+        raise VerificationError(f"unknown pcltool.input_format {meta['input_format']!r}; re-export the model")
+    return data
+
+
+def model_batches(data, split, input_format: str = FLOAT_FORMAT, batch_size: int = 256):
+    """(model input, int64 labels) numpy batches of ``split``, the eval-time view: centre crop, then normalised
+    float32 NCHW — or, for a raw-input model, the uint8 NHWC pixels."""
+    from pcltool.data.augment import ViewMaker, center_crop
+
+    views = ViewMaker("none", data.mean, data.std, "cpu", image_size=data.image_size)
+    for images, labels in split.batches(batch_size, "cpu"):
+        if input_format == RAW_FORMAT:
+            x = center_crop(images, data.image_size).permute(0, 2, 3, 1).contiguous().numpy()
+        else:
+            x = views.eval_view(images).numpy()
+        yield x, labels.numpy()
+
+
+def split_arrays(data, split, input_format: str = FLOAT_FORMAT) -> tuple[list[np.ndarray], np.ndarray]:
+    batches, labels = zip(*model_batches(data, split, input_format))
+    return list(batches), np.concatenate(labels)
+
+
+def calibration_set(data, count: int, seed: int, input_format: str = FLOAT_FORMAT) -> tuple[np.ndarray, dict]:
+    """``count`` training images (a seeded random draw) as model input, and a record of what they were."""
+    from pcltool.runtime.ort import calibration_hash
+
+    if count < 1:
+        raise UsageError("--calib-images must be >= 1")
+    n = len(data.train)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(count, n)].sort().values
+    subset = data.train.subset(index)
+    raw = torch.cat([images for images, _ in subset.batches(256, "cpu")])
+    arrays, _ = split_arrays(data, subset, input_format)
+    record = {"images": int(raw.shape[0]), "source": f"train split, seeded random draw (seed {seed})",
+              "sha256": calibration_hash(raw.numpy())}
+    return np.concatenate(arrays), record
+
+
+# --- verification -------------------------------------------------------------------------------------------------
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
+    """Engine vs FP32 ONNX on the same images: top-1 agreement (%), max |logit diff|, top-1 accuracy and change."""
+    ref_pred, cand_pred = reference.argmax(1), candidate.argmax(1)
+    ref_top1 = 100.0 * float((ref_pred == labels).mean())
+    top1 = 100.0 * float((cand_pred == labels).mean())
+    finite = bool(np.isfinite(candidate).all())
+    return {"images": int(labels.shape[0]), "top1_agreement": 100.0 * float((ref_pred == cand_pred).mean()),
+            "max_abs_diff": float(np.abs(candidate - reference).max()) if finite else float("inf"),
+            "reference_top1": ref_top1, "top1": top1, "top1_change": top1 - ref_top1, "finite": finite}
+
+
+def gate(check: dict, precision: str, max_top1_drop: float, reference_scale: float) -> None:
+    """Raise :class:`VerificationError` listing every failed check."""
+    failures = []
+    if not check["finite"]:
+        failures.append("the engine produced NaN or infinite logits")
+    drop = -check["top1_change"]
+    if drop > max_top1_drop:
+        failures.append(f"top-1 dropped {drop:.2f} points ({check['reference_top1']:.2f}% -> {check['top1']:.2f}%) "
+                        f"on {check['images']} validation images, more than the allowed {max_top1_drop:g}")
+    tolerance = FP32_RTOL * max(1.0, reference_scale)
+    if precision == "fp32" and check["max_abs_diff"] > tolerance:
+        failures.append(f"fp32 logits differ from the ONNX model by up to {check['max_abs_diff']:.3g} "
+                        f"(tolerance {tolerance:.3g})")
+    if failures:
+        raise VerificationError(f"the {precision} engine failed verification against the FP32 ONNX model: "
+                                + "; ".join(failures) + ". Nothing was written"
+                                + ("; try more --calib-images or --calib-method entropy/percentile"
+                                   if precision == "int8" else ""))
+
+
+def verify_engine(engine, reference: np.ndarray, batches: list[np.ndarray], labels: np.ndarray, precision: str,
+                  max_top1_drop: float) -> dict:
+    check = compare_logits(reference, engine.predict_all(batches), labels)
+    gate(check, precision, max_top1_drop, float(np.abs(reference).max()))
+    return check
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+def _check_backend(engine: str, precision: str) -> None:
+    """Fail before anything is written when the engine cannot be built here."""
+    if engine not in ENGINE_PRECISIONS:
+        raise UsageError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINE_PRECISIONS)}")
+    if precision not in ENGINE_PRECISIONS[engine]:
+        raise UsageError(f"unknown precision {precision!r} for --engine {engine}; allowed: "
+                         f"{', '.join(ENGINE_PRECISIONS[engine])}")
+    if engine == "trt":
+        from pcltool.runtime.tensorrt import import_tensorrt
+
+        import_tensorrt()
+    elif precision == "fp16":
+        from pcltool.runtime.ort import PROVIDERS, available_providers
+
+        if PROVIDERS["cuda"] not in available_providers():
+            raise BackendUnavailableError("ONNX Runtime fp16 is for GPU execution providers and this ONNX Runtime "
+                                          "has no CUDAExecutionProvider; install onnxruntime-gpu (`pip install "
+                                          "pcltool[gpu]`) on a GPU machine, or build fp32/int8 for the CPU")
+
+
+def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: str | None = None,
+              batch: tuple[int, int, int] = DEFAULT_BATCH, calib_images: int = 512, calib_method: str = "minmax",
+              max_top1_drop: float = 1.0, threads: int | None = None, hardware_compat: str = "none",
+              trt_flags: bool = False, workspace_gib: float = 4.0, console=None) -> dict:
+    """Build, verify and record ``build:<engine>-<precision>:<candidate>``; returns the stage's metrics."""
+    _check_backend(engine, precision)
+    if engine == "trt" and hardware_compat not in ("none", "ampere+", "same-cc"):
+        raise UsageError(f"--hardware-compat {hardware_compat}: allowed none, ampere+, same-cc")
+    if trt_flags and engine != "trt":
+        raise UsageError("--trt-flags applies to --engine trt only")
+    batch = parse_batch(batch)
+    with holding_lock(run):
+        return _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads,
+                      hardware_compat, trt_flags, workspace_gib, console)
+
+
+def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads, hardware_compat,
+           trt_flags, workspace_gib, console) -> dict:
+    from pcltool.runtime import ort as ort_rt
+    from pcltool.stages.train import recipe_of_run
+
+    candidate, onnx_path = resolve_export(run, peer)
+    meta = ort_rt.read_metadata(onnx_path)
+    data = load_run_data(run, meta)
+    seed = recipe_of_run(run).seed
+    key = f"build:{engine}-{precision}:{candidate}"
+    out_dir = run.path / ENGINE_DIR
+    out_dir.mkdir(exist_ok=True)
+    stem = f"{candidate}.{engine}-{precision}"
+    params = {"engine": engine, "precision": precision, "candidate": candidate, "batch": list(batch),
+              "max_top1_drop": max_top1_drop}
+    if precision == "int8":
+        settings = ort_rt.CPU_INT8 if engine == "ort" else ort_rt.TRT_INT8
+        params.update(calib_images=calib_images, calib_method=calib_method, quantization=settings.as_dict())
+    if engine == "trt":
+        params.update(hardware_compat=hardware_compat, trt_flags=trt_flags, workspace_gib=workspace_gib)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    with run.running(key, params, inputs={"onnx": onnx_path}):
+        t0 = time.perf_counter()
+        input_format = meta.get("input_format", FLOAT_FORMAT)
+        val_batches, val_labels = split_arrays(data, data.val, input_format)
+        reference = ort_rt.OrtEngine(onnx_path, level="basic", threads=threads).predict_all(val_batches)
+        metrics: dict = {}
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+            tmp = Path(tmp)
+            calib = None
+            if precision == "int8":
+                calib, metrics["calibration"] = calibration_set(data, calib_images, seed, input_format)
+                metrics["calibration"]["method"] = calib_method
+            say(f"building {key} from {run.relative(onnx_path)}")
+            if engine == "ort":
+                built = _build_ort(onnx_path, tmp, stem, precision, calib, calib_method)
+                device = "cuda" if precision == "fp16" else "cpu"
+                candidate_engine = ort_rt.OrtEngine(built["engine"], device=device, precision=precision, threads=threads)
+            else:
+                built, fingerprint = _build_trt(run, onnx_path, tmp, stem, precision, calib, calib_method, batch,
+                                                hardware_compat, trt_flags, workspace_gib, meta)
+                metrics["fingerprint"] = {k: v for k, v in fingerprint.items() if k != "metadata"}
+                from pcltool.runtime.tensorrt import TrtEngine
+
+                candidate_engine = TrtEngine(built["engine"], precision)
+            metrics["build_seconds"] = time.perf_counter() - t0
+            say(f"verifying against the FP32 ONNX model on {len(val_labels)} validation images")
+            try:
+                metrics["verification"] = verify_engine(candidate_engine, reference, val_batches, val_labels,
+                                                        precision, max_top1_drop)
+            finally:
+                candidate_engine.close()
+            metrics["engine_bytes"] = built["engine"].stat().st_size
+            outputs = {}
+            for name, path in built.items():
+                final = out_dir / path.name
+                os.replace(path, final)
+                outputs[name] = final
+        run.finish(key, outputs, metrics)
+    v = metrics["verification"]
+    say(f"[green]{key}[/]: {run.relative(outputs['engine'])}  top-1 {v['top1']:.2f}% "
+        f"({v['top1_change']:+.2f} vs fp32 ONNX), agreement {v['top1_agreement']:.2f}%, "
+        f"max |diff| {v['max_abs_diff']:.3g}")
+    return metrics
+
+
+def _build_ort(onnx_path: Path, tmp: Path, stem: str, precision: str, calib, calib_method: str) -> dict[str, Path]:
+    from pcltool.runtime import ort as ort_rt
+
+    engine = tmp / f"{stem}.onnx"
+    if precision == "fp32":
+        ort_rt.optimize(onnx_path, engine)
+    elif precision == "int8":
+        ort_rt.quantize_int8(onnx_path, engine, calib, ort_rt.CPU_INT8, calib_method)
+    else:
+        ort_rt.to_fp16(onnx_path, engine)
+    return {"engine": engine}
+
+
+def _build_trt(run: RunDir, onnx_path: Path, tmp: Path, stem: str, precision: str, calib, calib_method: str,
+               batch, hardware_compat: str, trt_flags: bool, workspace_gib: float,
+               meta: dict) -> tuple[dict[str, Path], dict]:
+    from pcltool.runtime import ort as ort_rt
+    from pcltool.runtime.tensorrt import build_engine, fingerprint_path
+
+    outputs: dict[str, Path] = {}
+    source, weak_flag = onnx_path, None
+    if precision == "fp16" and trt_flags:
+        weak_flag = "FP16"
+    elif precision == "fp16":
+        source = outputs["onnx"] = tmp / f"{stem}.onnx"
+        ort_rt.to_fp16(onnx_path, source)
+    elif precision == "int8":
+        source = outputs["onnx"] = tmp / f"{stem}.qdq.onnx"
+        ort_rt.quantize_int8(onnx_path, source, calib, ort_rt.TRT_INT8, calib_method)
+        weak_flag = "INT8" if trt_flags else None
+    plan = outputs["engine"] = tmp / f"{stem}.plan"
+    fingerprint = build_engine(source, plan, batch, precision, weak_flag, hardware_compat, workspace_gib,
+                               timing_cache=run.path / ENGINE_DIR / TIMING_CACHE, metadata=meta)
+    outputs["fingerprint"] = fingerprint_path(plan)
+    return outputs, fingerprint
+
+
+def run_triton(run: RunDir, out: Path, engine: str = "ort", precision: str = "fp32", peer: str | None = None,
+               name: str | None = None, max_batch: int | None = None, instances: int = 1, force: bool = False) -> Path:
+    """``pcltool deploy triton``: a Triton model repository for a built engine (ORT fp32 may use the export)."""
+    from pcltool.runtime import triton
+    from pcltool.runtime.ort import read_metadata
+
+    if engine not in ENGINE_PRECISIONS or precision not in ENGINE_PRECISIONS[engine]:
+        raise UsageError(f"--engine {engine} --precision {precision}: allowed engines "
+                         + "; ".join(f"{e} ({', '.join(p)})" for e, p in ENGINE_PRECISIONS.items()))
+    candidate, onnx_path = resolve_export(run, peer)
+    key = f"build:{engine}-{precision}:{candidate}"
+    record = run.stage(key)
+    if record is None and engine == "ort" and precision == "fp32":
+        model_file, batch = onnx_path, DEFAULT_BATCH  # ONNX Runtime optimises the export when it loads it
+    else:
+        model_file = run.artifact(key, "engine", hint=f"pcltool build {run.path} --engine {engine} "
+                                                     f"--precision {precision}")
+        batch = tuple(record["params"].get("batch", DEFAULT_BATCH))
+    meta = read_metadata(onnx_path)
+    extra = {}
+    if engine == "trt":
+        extra["fingerprint.json"] = run.artifact(key, "fingerprint")
+        if batch[0] > 1:
+            raise UsageError(f"the engine's profile starts at batch {batch[0]}; Triton sends batches from 1: rebuild "
+                             f"with --batch 1,{batch[1]},{batch[2]}")
+    limit = max_batch or batch[2]
+    if limit > batch[2]:
+        raise UsageError(f"--max-batch {limit} is outside the engine's profile (max {batch[2]}); rebuild with a "
+                         "larger --batch MIN,OPT,MAX")
+    preferred = sorted({min(batch[1], limit), limit})
+    return triton.write_repository(out, name or f"{candidate}_{engine}_{precision}".replace("-", "_"), engine,
+                                   model_file, meta, limit, preferred, gpu=engine == "trt" or precision == "fp16",
+                                   instances=instances, force=force, extra_files=extra)

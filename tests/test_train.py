@@ -1,0 +1,132 @@
+"""The training stage: end to end on the embedded data, bit-exact resume after SIGKILL, NaN handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUICKSTART, TINY_OVERRIDES
+
+from pcltool.config import load_recipe
+from pcltool.errors import TrainingDivergedError
+from pcltool.manifest import RunDir
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pcltool", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def _sets(extra=()):
+    out = []
+    for item in list(TINY_OVERRIDES) + list(extra):
+        out += ["--set", item]
+    return out
+
+
+def test_trained_run_manifest_and_checkpoint(trained_run):
+    run = RunDir.open(trained_run)
+    m = run.read()
+    rec = m["stages"]["train"]
+    assert rec["status"] == "done"
+    assert set(rec["outputs"]) >= {"checkpoint", "best_checkpoint", "metrics_log"}
+    metrics = rec["metrics"]
+    assert metrics["epochs_done"] == 2
+    names = {"peer1", "peer2", "peer3", "mean1", "mean2", "mean3", "ensemble", "mean-ensemble"}
+    assert set(metrics["val_top1"]) == names and set(metrics["test_top1"]) == names
+    assert m["environment"]["torch"] == torch.__version__
+    ckpt = run.artifact("train", "checkpoint")
+    state = torch.load(ckpt, weights_only=True)  # loads without executing code
+    assert {"live", "mean", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "recipe"} <= set(state)
+    assert state["epoch"] == 2 and state["recipe"] == m["recipe"]
+    kinds = [json.loads(line)["kind"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("val") == 2 and kinds[-1] == "test" and "train" in kinds
+
+
+def test_cli_train_and_status(tmp_path):
+    proc = _cli("train", QUICKSTART, *_sets(["train.epochs=1"]), "--run", tmp_path / "r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    status = _cli("status", tmp_path / "r", "--json", cwd=tmp_path)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["stages"]["train"]["status"] == "done"
+    table = _cli("status", tmp_path / "r", cwd=tmp_path)
+    assert "train" in table.stdout and "done" in table.stdout
+    # an existing run is not overwritten
+    again = _cli("train", QUICKSTART, *_sets(["train.epochs=1"]), "--run", tmp_path / "r", cwd=tmp_path)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    sets = _sets(["train.epochs=4"])
+    full = _cli("train", QUICKSTART, *sets, "--run", tmp_path / "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "pcltool", "train", str(QUICKSTART), *sets, "--run",
+                             str(tmp_path / "cut")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "cut" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            done = json.loads(manifest.read_text())["stages"]["train"]["metrics"].get("epochs_done", 0)
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut = json.loads(manifest.read_text())["stages"]["train"]
+    assert cut["status"] == "running" and cut["metrics"]["epochs_done"] < 4  # really interrupted
+
+    resumed = _cli("train", QUICKSTART, *sets, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    for net in ("live", "mean"):
+        assert a[net].keys() == b[net].keys()
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
+    assert a["step"] == b["step"]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["kind"] == "val" for x in lines) == 4  # no duplicated epochs in the log
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    assert _cli("train", QUICKSTART, *_sets(["train.epochs=1"]), "--run", tmp_path / "r", cwd=tmp_path).returncode == 0
+    proc = _cli("train", QUICKSTART, *_sets(["train.epochs=1", "train.lr=0.5"]), "--run", tmp_path / "r", "--resume",
+                cwd=tmp_path)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import pcltool.trainer as trainer_mod
+    from pcltool.distributed import train_entry
+
+    real_loss = trainer_mod.pcl_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        parts = real_loss(*args, **kwargs)
+        if calls["n"] > 11:  # the tiny run has 11 steps per epoch: epoch 2 diverges
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_mod, "pcl_loss", poisoned)
+    recipe = load_recipe(QUICKSTART, TINY_OVERRIDES + ["train.epochs=3"])
+    with pytest.raises(TrainingDivergedError, match="NaN or infinite"):
+        train_entry(recipe, tmp_path / "r", resume=False, console=None)
+    run = RunDir.open(tmp_path / "r")
+    rec = run.stage("train")
+    assert rec["status"] == "failed" and "TrainingDivergedError" in rec["error"]
+    state = torch.load(run.verify(rec["outputs"]["checkpoint"], "ckpt"), weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["live"].values() if v.is_floating_point())
