@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -111,29 +110,25 @@ def _record_for_torchrun(err: BaseException) -> None:
         pass
 
 
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """``pcltool train ... --nproc N`` -> ``python -m torch.distributed.run --standalone --nproc-per-node N
-    -m pcltool train ...`` (``--nproc`` removed)."""
-    rest = []
-    skip = False
+def worker_args(argv: list[str]) -> list[str]:
+    """The command line each process runs: ``argv`` without ``--nproc``."""
+    rest, skip = [], False
     for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--nproc":
+        elif a == "--nproc":
             skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=0", "-m", "pcltool", *rest]
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return rest
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run ``argv`` (a ``pcltool train`` command line) as ``nproc`` processes on this machine; returns the exit code.
+    """Run ``argv`` (a ``pcltool train`` command line) as ``nproc`` processes on this machine, like
+    ``torchrun --standalone --nproc-per-node N -m pcltool ARGV`` with this process as torchrun's agent (the
+    arguments bypass torchrun's option parser, which would take ``--run`` for its own ``--run-path``).
 
-    A failing process makes torchrun stop the others; its report names the rank, and a line here says how to go on."""
+    A failing process makes the agent stop the others; the report names the rank, and a line says how to go on."""
     import torch
 
     if nproc < 1:
@@ -144,11 +139,17 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
                          "use at most that many, or --device cpu for CPU processes")
     if not wants_cpu and not torch.cuda.is_available():
         raise UsageError("--nproc needs GPUs (none visible); add --device cpu to run CPU processes with gloo")
-    env = dict(os.environ)
-    env.setdefault("PCLTOOL_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
-    code = subprocess.call(torchrun_command(nproc, argv), env=env)
-    if code != 0:
-        print(f"pcltool: the {nproc}-process training job failed (exit code {code}); torchrun's report above names "
-              "the first failing rank and its error. Fix the cause, then continue from the last checkpoint with the "
-              "same command plus --resume.", file=sys.stderr)
-    return code
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "pcltool"])
+    args.training_script_args = worker_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"{err.format_msg()}\npcltool: the {nproc}-process training job failed: rank {rank} exited first "
+              f"(exit code {failure.exitcode}); the other processes were stopped. Fix the cause, then continue from "
+              "the last checkpoint with the same command plus --resume.", file=sys.stderr)
+        return 1
+    return 0

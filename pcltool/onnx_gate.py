@@ -216,12 +216,13 @@ def check_values(path: Path, model: nn.Module, chunks: Iterable[tuple[np.ndarray
         report.failures.append(f"onnxruntime could not load the graph: {type(err).__name__}: {str(err)[:500]}")
         return
     model.eval()
-    worst, worst_at, agree, images, runs = 0.0, None, 0, 0, 0
+    worst, worst_at, agree, images, runs, scale = 0.0, None, 0, 0, 0, 0.0
     by_batch: dict[int, float] = {}
     shape_failures = set()
     sizes = (spec.batch,) if spec.batch is not None else batch_sizes
     for onnx_in, torch_in in chunks:
         reference = model(torch_in).float().cpu().numpy()
+        scale = max(scale, float(np.abs(reference).max(initial=0.0)))
         for start, b in _schedule(len(onnx_in), sizes, runs):
             try:
                 (got,) = session.run([spec.output_name], {spec.input_name: onnx_in[start:start + b]})
@@ -246,13 +247,15 @@ def check_values(path: Path, model: nn.Module, chunks: Iterable[tuple[np.ndarray
     agreement = 100.0 * agree / max(images, 1)
     report.figures["values"] = {"images": images, "runs": runs, "batch_sizes": sorted(by_batch, reverse=True),
                                 "max_abs_diff": worst, "max_abs_diff_by_batch": {str(k): v for k, v in by_batch.items()},
-                                "top1_agreement": agreement, "atol": spec.atol}
+                                "top1_agreement": agreement, "atol": spec.atol, "max_abs_logit": scale}
     if images == 0:
         report.failures.append("values: no images were compared")
     if not worst <= spec.atol:
         image, cls, b = worst_at
+        resolution = float(np.spacing(np.float32(scale)))
         report.failures.append(f"values: max abs logit diff {worst:.3g} > {spec.atol:g} (ONNX Runtime vs PyTorch; "
-                               f"image {image}, class {cls}, batch {b})")
+                               f"image {image}, class {cls}, batch {b}; logits reach {scale:.4g}, where float32 "
+                               f"steps by {resolution:.2g})")
     if agree != images:
         report.failures.append(f"values: top-1 agreement {agreement:.2f} % ({images - agree} of {images} images "
                                "differ), 100 % required")

@@ -184,12 +184,17 @@ class PCLTrainer:
         for dst, src in zip(ints_mean, ints_live):
             dst.copy_(src)
 
-    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, rampup_weight: torch.Tensor):
-        """uint8 batch -> m views on the device -> live and mean forwards -> (total loss, stacked loss parts)."""
-        views = self.view_maker.views(images, self.recipe.num_branches, self.augment_gen)  # (m, N, C, H, W)
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> m augmented, normalised views (m, N, C, H, W) on the device. Kept out of the compiled
+        region: random draws from an explicit generator break torch.compile's graph."""
+        views = self.view_maker.views(images, self.recipe.num_branches, self.augment_gen)
         if self.channels_last:
             m, n = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (m, n))
+        return views
+
+    def _forward_loss(self, views: torch.Tensor, labels: torch.Tensor, rampup_weight: torch.Tensor):
+        """Live and mean forwards on the views -> (total loss, stacked loss parts); what ``train.compile`` compiles."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             peer_logits, ensemble_logits = self.model(views)  # (m, N, K), (N, K)
             mean_logits = None
@@ -204,8 +209,9 @@ class PCLTrainer:
         order) as a device tensor; nothing here waits for the device."""
         self._rampup.fill_(ramp_up(epoch_float, self.recipe.pcl.rampup_epochs))
         timing = self.compiled and self.compile_seconds is None
+        views = self._views(images)
         start = _sync(self.device) if timing else 0.0
-        total, parts = self._forward_fn(images, labels, self._rampup)
+        total, parts = self._forward_fn(views, labels, self._rampup)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if timing:

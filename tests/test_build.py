@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pcltool.cli import app
 from pcltool.errors import UsageError, VerificationError
 from pcltool.manifest import RunDir
-from pcltool.stages.build import compare_logits, gate, parse_batch, run_build, split_arrays, verify_engine
+from pcltool.stages.build import compare_logits, gate, parse_batch, run_build, split_arrays
 
 CANDIDATE = "mean1"
 
@@ -29,42 +29,55 @@ def record_export(run_path: Path, peer: str = CANDIDATE) -> Path:
     return run.artifact(f"export:{metrics['candidate']}", "onnx")
 
 
+# The templates are made once per process: test_bench/test_deploy import these fixtures, and pytest would otherwise
+# run a session fixture once per module that holds it.
+_TEMPLATES: dict[str, Path] = {}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_cpu_threads):
+    """Tiny models: one thread is as fast, and does not stall on a busy CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def exported_template(trained_run_template, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("exported") / "run"
-    shutil.copytree(trained_run_template, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    record_export(dst)
-    return dst
+    if "exported" not in _TEMPLATES:
+        dst = _copy(trained_run_template, tmp_path_factory.mktemp("exported") / "run")
+        record_export(dst)
+        _TEMPLATES["exported"] = dst
+    return _TEMPLATES["exported"]
 
 
 @pytest.fixture
 def exported_run(exported_template, tmp_path) -> Path:
     """A private copy of a tiny trained run with ``export:mean1`` recorded."""
-    dst = tmp_path / "exported"
-    shutil.copytree(exported_template, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
+    return _copy(exported_template, tmp_path / "exported")
 
 
 @pytest.fixture(scope="session")
 def int8_template(exported_template, tmp_path_factory) -> Path:
     """The exported run with ORT fp32 and int8 engines built (shared by the bench and deploy tests)."""
-    dst = tmp_path_factory.mktemp("built") / "run"
-    shutil.copytree(exported_template, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    run = RunDir.open(dst)
-    run_build(run, "ort", "fp32")
-    run_build(run, "ort", "int8", calib_images=256)
-    return dst
+    if "built" not in _TEMPLATES:
+        dst = _copy(exported_template, tmp_path_factory.mktemp("built") / "run")
+        run = RunDir.open(dst)
+        run_build(run, "ort", "fp32")
+        run_build(run, "ort", "int8", calib_images=256)
+        _TEMPLATES["built"] = dst
+    return _TEMPLATES["built"]
 
 
 @pytest.fixture
 def built_run(int8_template, tmp_path) -> Path:
-    dst = tmp_path / "built"
-    shutil.copytree(int8_template, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
+    return _copy(int8_template, tmp_path / "built")
 
 
 def test_ort_fp32_and_int8_engines_are_verified_and_recorded(int8_template):
@@ -125,10 +138,12 @@ def test_precision_gate_rejects_a_bad_engine(exported_run, tmp_path):
     batches, labels = split_arrays(data, data.val)
     reference = OrtEngine(onnx_path).predict_all(batches)
     _noisy_copy(onnx_path, tmp_path / "bad.onnx", scale=1.0)
+    bad = compare_logits(reference, OrtEngine(tmp_path / "bad.onnx").predict_all(batches), labels)
     with pytest.raises(VerificationError, match="top-1 dropped"):
-        verify_engine(OrtEngine(tmp_path / "bad.onnx"), reference, batches, labels, "int8", max_top1_drop=1.0)
-    good = verify_engine(OrtEngine(onnx_path), reference, batches, labels, "int8", max_top1_drop=1.0)
-    assert good["top1_change"] == 0.0
+        gate(bad, "int8", max_top1_drop=1.0, reference_scale=float(np.abs(reference).max()))
+    good = compare_logits(reference, OrtEngine(onnx_path).predict_all(batches), labels)
+    gate(good, "int8", max_top1_drop=1.0, reference_scale=float(np.abs(reference).max()))
+    assert good["top1_change"] == 0.0 and good["top1_agreement"] == 100.0
 
 
 def test_gate_checks_fp32_tolerance_and_nan():
@@ -158,6 +173,7 @@ def test_failed_gate_writes_no_engine(exported_run, monkeypatch):
     assert not [p for p in (exported_run / "engines").iterdir()], "a rejected engine must leave no file behind"
     record = run.stage(f"build:ort-int8:{CANDIDATE}")
     assert record["status"] == "failed" and "top-1 dropped" in record["error"]
+    assert record["metrics"]["verification"]["top1_change"] < -1.0  # the numbers that failed are kept
 
 
 def test_parse_batch():

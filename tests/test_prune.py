@@ -20,39 +20,58 @@ CARD_KEYS = {"arch", "num_classes", "class_names", "in_channels", "input_size", 
              "run_id", "params", "flops"}
 
 
-def _tiny_pair(backbone: str) -> tuple[PCLNetwork, PCLNetwork]:
-    """Live and mean networks with 2 peers whose BatchNorm statistics are not the initial ones."""
+@pytest.fixture(autouse=True)
+def _one_thread(_cpu_threads):
+    """Tiny tensors: one thread is as fast, and does not stall on a busy CPU."""
+    torch.set_num_threads(1)
+
+
+SIZE = 16  # the smallest input every registered backbone takes (VGG-16 halves it four times)
+
+
+def _tiny_network(backbone: str) -> PCLNetwork:
+    """2 peers whose BatchNorm statistics are not the initial ones (each peer saw its own view in train mode)."""
     torch.manual_seed(0)
-    nets = []
-    for _ in range(2):
-        net = PCLNetwork(backbone, num_classes=5, num_peers=2, in_channels=3)
-        net.train()
-        with torch.no_grad():
-            net(torch.randn(2, 4, 3, 16, 16))  # per-peer views: every peer's BatchNorm sees data
-        nets.append(net.eval())
-    return nets[0], nets[1]
+    net = PCLNetwork(backbone, num_classes=5, num_peers=2, in_channels=3)
+    with torch.no_grad():
+        net.train()(torch.randn(2, 2, 3, SIZE, SIZE))
+    return net.eval()
 
 
 @pytest.mark.parametrize("backbone", available_backbones())
 def test_pruned_branch_equals_the_branch_for_every_backbone(backbone):
-    live, mean = _tiny_pair(backbone)
-    loaded = SimpleNamespace(network=lambda source: mean if source == "mean" else live, device=torch.device("cpu"))
-    x = torch.randn(3, 3, 16, 16)
-    plain = count_params(create_backbone(backbone, 5, 3))
+    net = _tiny_network(backbone)
+    loaded = SimpleNamespace(network=lambda source: net, device=torch.device("cpu"))
+    pruned = prune_candidate(loaded, "peer2")
+    x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        live_peers, live_ens = live(x)
-        mean_peers, _ = mean(x)
-        for name, want in [("peer2", live_peers[1]), ("mean1", mean_peers[0]), ("ensemble", live_ens)]:
+        torch.testing.assert_close(pruned(x), net(x)[0][1], atol=1e-5, rtol=0)
+    assert type(pruned).__name__ == "SplitBackbone" and not pruned.training
+    plain = sum(p.numel() for p in net.trunk.parameters()) + sum(p.numel() for p in net.peers[1].parameters())
+    assert count_params(pruned) == plain
+    # copies of peer 2's tensors, nothing of peer 1's or of the ensemble head
+    state = pruned.state_dict()
+    assert {t.data_ptr() for t in state.values()}.isdisjoint(t.data_ptr() for t in net.state_dict().values())
+    conv = next(k for k, v in pruned.branch.state_dict().items() if v.dim() == 4)
+    assert torch.equal(state[f"branch.{conv}"], net.peers[1].branch.state_dict()[conv])
+    assert not torch.equal(state[f"branch.{conv}"], net.peers[0].branch.state_dict()[conv])
+    assert not torch.equal(state["classifier.weight"], net.peers[0].classifier.weight)
+
+
+def test_pruned_candidates_pick_the_right_network_and_head():
+    live, mean = _tiny_network("resnet20"), _tiny_network("resnet20")
+    with torch.no_grad():
+        for p in mean.parameters():
+            p.mul_(0.9)
+    loaded = SimpleNamespace(network=lambda source: mean if source == "mean" else live, device=torch.device("cpu"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        (live_peers, live_ens), (mean_peers, mean_ens) = live(x), mean(x)
+        for name, want in [("peer1", live_peers[0]), ("mean2", mean_peers[1]), ("ensemble", live_ens),
+                           ("mean-ensemble", mean_ens)]:
             pruned = prune_candidate(loaded, name)
             torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=0)
-            assert count_params(pruned) == (count_params(live) if name == "ensemble" else plain)
-    # no trace of the other peer or of the other network in the pruned mean1
-    kept = {t.data_ptr() for t in prune_candidate(loaded, "mean1").state_dict().values()}
-    other = [t for t in mean.peers[1].state_dict().values()] + [t for t in live.peers[0].state_dict().values()]
-    assert not kept & {t.data_ptr() for t in other}
-    state = prune_candidate(loaded, "mean1").state_dict()
-    assert all(not torch.equal(state["classifier.weight"], t) for t in (mean.peers[1].classifier.weight,
-                                                                          live.peers[0].classifier.weight))
+            assert count_params(pruned) == count_params(live if "ensemble" in name else create_backbone("resnet20", 5))
 
 
 def test_prune_mean_runs_select_first_and_records_everything(trained_run):

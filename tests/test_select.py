@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pcltool.cli import app
@@ -14,6 +15,12 @@ from pcltool.models import create_backbone
 from pcltool.stages.select import choose, count_params, resolve_candidate, run_select
 
 NAMES = ["peer1", "peer2", "peer3", "mean1", "mean2", "mean3", "ensemble", "mean-ensemble"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_cpu_threads):
+    """Tiny tensors: one thread is as fast, and does not stall on a busy CPU."""
+    torch.set_num_threads(1)
 
 
 def test_resolve_concrete_names_and_paper_without_select(trained_run):

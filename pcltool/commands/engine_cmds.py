@@ -67,12 +67,12 @@ def bench(
 ):
     """Accuracy (test split) and latency of every available backend and precision, with the unpruned network and
     the ensemble teacher as reference points; writes bench.json, bench.csv and bench.png in the run."""
-    from pcltool.stages.bench import bench_table, run_bench
+    from pcltool.stages.bench import print_table, run_bench
 
     console = _console()
     rd = _open_run(run, runs_dir)
     doc = run_bench(rd, engine, batch, device.value, threads, peer, max_seconds, console=console)
-    console.print(bench_table(doc))
+    print_table(console, doc)
     console.print(f"results: {rd.path / 'bench.json'}, {rd.path / 'bench.csv'}\nplot:    {rd.path / 'bench.png'}")
 
 

@@ -2,11 +2,13 @@
 INT8 quantisation and FP16 conversion.
 
 INT8 on x86 (measured on a 2-core Xeon with AVX-512 VNNI, ResNet-32 at batch 64; see ``CPU_INT8``): ONNX
-Runtime's defaults — Q/DQ with *signed* int8 activations and weights — ran slower than FP32, because the VNNI
-instruction (``vpdpbusd``) multiplies unsigned by signed bytes, so s8 x s8 falls back to slow kernels. Unsigned
-activations with signed weights (U8S8), per-channel weight scales and Q/DQ format (which ORT fuses into
-QLinearConv at load time) is the fast combination. TensorRT instead needs symmetric signed Q/DQ with an fp32 bias
-(``TRT_INT8``).
+Runtime's defaults — Q/DQ with *signed* int8 activations and weights, per-tensor — ran slower than FP32: the
+VNNI instruction (``vpdpbusd``) multiplies unsigned by signed bytes, so s8 x s8 takes slower kernels. What is
+fast: unsigned activations with signed, per-channel weights (U8S8), in Q/DQ format (ORT fuses it into
+QLinearConv/QLinearAdd and runs the graph in NHWC), *and* Relu among the quantised operators. Left out, every
+Conv -> Relu keeps a float DequantizeLinear -> QuantizeLinear pair between two scales; included, the Relu folds
+into the uint8 zero point and the network stays in int8 from the first convolution to the pooling. TensorRT
+instead needs symmetric signed Q/DQ with a float bias (``TRT_INT8``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Int8Settings:
     reduce_range: bool = False  # 7-bit weights: only for CPUs without VNNI
     symmetric_activations: bool = False
     quantize_bias: bool = True
-    op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool")
+    op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool",
+                                 "GlobalAveragePool", "Concat", "Slice", "Pad", "Flatten")
     preprocess: bool = True  # onnxruntime.quantization.quant_pre_process (shape inference + folding) first
 
     def as_dict(self) -> dict:
@@ -54,7 +57,7 @@ class Int8Settings:
 
 CPU_INT8 = Int8Settings()
 TRT_INT8 = Int8Settings(activations="s8", symmetric_activations=True, quantize_bias=False,
-                        op_types=("Conv", "Gemm", "MatMul"))
+                        op_types=("Conv", "Gemm", "MatMul", "Add"))
 
 
 def import_ort():
@@ -98,6 +101,7 @@ def session_options(threads: int | None = None, level: str = "all", optimized_pa
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # as the bench sets for PyTorch
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return so

@@ -57,10 +57,11 @@ def summarize(batch: int, samples_ns: list[int], stable: bool) -> Timing:
 
 def measure(engine, images: np.ndarray, *, warmup_s: float = 0.2, min_warmup: int = 3, min_iters: int = 20,
             min_seconds: float = 0.3, max_seconds: float = 3.0, rel_ci: float = 0.02) -> Timing:
-    """Time ``engine`` on one batch (``images`` float32 NCHW) as described in the module docstring."""
+    """Time ``engine`` on one batch (``images``, the model's input) as described in the module docstring."""
     engine.check_batch(images.shape[0])
     x = engine.prepare(images)
     clock = time.perf_counter_ns
+    min_seconds = min(min_seconds, max_seconds)
     start = clock()
     done = 0
     while done < min_warmup or clock() - start < warmup_s * 1e9:
@@ -75,10 +76,10 @@ def measure(engine, images: np.ndarray, *, warmup_s: float = 0.2, min_warmup: in
         engine.sync()
         t1 = clock()
         samples.append(t1 - t0)
-        elapsed = (t1 - start) / 1e9
-        if len(samples) >= min_iters and elapsed >= min_seconds:
-            # checking the interval costs a sort: do it every ~10% more samples
-            if len(samples) % max(1, len(samples) // 10) == 0 and median_ci_rel(np.asarray(samples)) <= rel_ci:
+        n, elapsed = len(samples), (t1 - start) / 1e9
+        # the interval costs a sort: check it every ~10% more samples
+        if n >= min_iters and elapsed >= min_seconds and n % max(1, n // 10) == 0:
+            if median_ci_rel(np.asarray(samples)) <= rel_ci:
                 return summarize(images.shape[0], samples, stable=True)
-            if elapsed >= max_seconds:
-                return summarize(images.shape[0], samples, stable=median_ci_rel(np.asarray(samples)) <= rel_ci)
+        if elapsed >= max_seconds and n >= 6:
+            return summarize(images.shape[0], samples, stable=median_ci_rel(np.asarray(samples)) <= rel_ci)

@@ -277,6 +277,9 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
         inputs = {"onnx": onnx_path, **_bench_inputs(run, candidate)}
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
+        # Denormal floats take x86 microcode assists (100x slower convolutions in PyTorch on some models); both
+        # PyTorch and ONNX Runtime (session.set_denormal_as_zero) flush them to zero while benchmarking.
+        params["flush_denormal"] = torch.set_flush_denormal(True)
         try:
             with run.running("bench", params, inputs):
                 doc = _bench(run, candidate, onnx_path, meta, data, engines, batches, device, threads,
@@ -288,6 +291,7 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
                 run.finish("bench", outputs, {"variants": len(doc["variants"]), "best": best})
         finally:
             torch.set_num_threads(previous_threads)
+            torch.set_flush_denormal(False)
     return doc
 
 
@@ -463,6 +467,7 @@ def plot(doc: dict, path: Path) -> None:
 
 def bench_table(doc: dict):
     """A rich table: one line per variant and batch size."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -471,32 +476,42 @@ def bench_table(doc: dict):
     gpu = (hw.get("gpu") or {}).get("name")
     title = (f"{doc['candidate']} · {hw['cpu'].get('model')} ({hw['cpu'].get('usable_cpus')} CPUs)"
              + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} threads"
-             + (f" · peak {peak['gflops']:.0f} GFLOP/s" if peak else ""))
-    table = Table(title=title, title_style="bold")
-    for col in ("model", "engine", "prec", "size MB", "params M", "MFLOPs", "top-1", "batch", "p50 ms", "p90 ms",
-                "p99 ms", "img/s", "CV", "x floor"):
-        table.add_column(col, justify="left" if col in ("model", "engine", "prec") else "right")
+             + (f" · peak {peak['gflops']:.0f} GFLOP/s (sgemm)" if peak else ""))
+    table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"top-1{' / top-5' if doc['variants'] and doc['variants'][0].get('top5') is not None else ''}"
+                          f" on the {doc.get('split', 'test')} split · latency per batch · CV: coefficient of "
+                          "variation (! = median not stable) · x floor: p50 / (FLOPs / peak)")
+    for col in ("model", "engine", "MB", "top-1", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "CV", "x floor"):
+        table.add_column(col, justify="left" if col in ("model", "engine") else "right")
     results: dict[str, list[dict]] = {}
     for r in doc["results"]:
         results.setdefault(r["variant"], []).append(r)
     for v in doc["variants"]:
-        engine = v["backend"] + (f"/{v['provider']}" if v["provider"] else "")
+        model = v["model"] + (f"\n[dim]{v['params'] / 1e6:.3g} M params · {v['flops'] / 1e6:.4g} MFLOPs[/]"
+                              if v["params"] and v["flops"] else "")
+        engine = f"{v['backend']}{'/' + v['provider'] if v['provider'] else ''} {v['precision']}"
         acc = "-" if v["top1"] is None else f"{v['top1']:.2f}" + (f" / {v['top5']:.2f}" if v["top5"] else "")
-        head = [v["model"], engine, v["precision"], _fmt(v["size_mb"], ".2f"),
-                _fmt(v["params"] / 1e6 if v["params"] else None, ".3f"),
-                _fmt(v["flops"] / 1e6 if v["flops"] else None, ".1f"), acc]
+        head = [model, engine, _fmt(v["size_mb"], ".2f"), acc]
         if v["status"] != "ok":
-            table.add_row(*head, "", f"[yellow]{v['status']}[/]: {escape(v['note'])}", *[""] * 6)
+            table.add_row(*head, "", f"[yellow]{v['status']}[/]", escape(v["note"]), *[""] * 4)
             continue
         for i, r in enumerate(results.get(v["key"], [])):
             cells = head if i == 0 else [""] * len(head)
             if "p50_ms" not in r:
-                table.add_row(*cells, str(r["batch"]), escape(r.get("note", "")), *[""] * 5)
+                table.add_row(*cells, str(r["batch"]), "", escape(r.get("note", "")), *[""] * 4)
                 continue
             cv = f"{100 * r['cv']:.1f}%" + ("" if r["stable"] else " [yellow]![/]")
             table.add_row(*cells, str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
                           f"{r['throughput']:.0f}", cv, _fmt(r.get("x_floor"), ".2f"))
+        table.add_section()
     return table
+
+
+def print_table(console, doc: dict) -> None:
+    """Print :func:`bench_table`; into a file or pipe, wide enough not to fold the columns."""
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
+    console.print(bench_table(doc))
 
 
 def _fmt(x, spec: str) -> str:

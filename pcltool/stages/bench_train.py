@@ -49,15 +49,15 @@ def plan_variants(recipe: Recipe, device: torch.device, skip: tuple[str, ...] = 
 
         raise UsageError(f"--skip {', '.join(unknown)}: unknown; choose from reference, {', '.join(PIECES)}")
     t, d = recipe.train, recipe.data
-    cpu_note = " (CPU: only with train.cpu_fast_path=true)" if device.type == "cpu" else ""
+    cpu_note = "n/a on CPU without train.cpu_fast_path" if device.type == "cpu" else "off in the recipe"
+    off = "off in the recipe"
     off_reason = {
-        "data_on_device": ("no effect on CPU: the device is host memory" if device.type == "cpu"
-                           else None if d.on_device else "already off in the recipe"),
-        "batched_views": None if t.batched_views else "already off in the recipe",
-        "channels_last": None if uses_channels_last(t, device) else "already off" + cpu_note,
-        "autocast": None if autocast_dtype_for(t, device) is not None else "fp32 already" + cpu_note,
-        "fused_optimizer": None if t.fused_optimizer else "already off in the recipe",
-        "foreach_ema": None if t.foreach_ema else "already off in the recipe",
+        "data_on_device": "n/a on CPU (host memory)" if device.type == "cpu" else None if d.on_device else off,
+        "batched_views": None if t.batched_views else off,
+        "channels_last": None if uses_channels_last(t, device) else (cpu_note if t.channels_last else off),
+        "autocast": None if autocast_dtype_for(t, device) is not None else (cpu_note if t.precision != "fp32" else off),
+        "fused_optimizer": None if t.fused_optimizer else off,
+        "foreach_ema": None if t.foreach_ema else off,
         "compile": None,
     }
     dtype = autocast_dtype_for(t, device)
@@ -219,15 +219,16 @@ def report_table(report: dict):
     title = (f"bench-train {report['recipe']}: {report['backbone']}, m={report['peers']}, batch "
              f"{report['batch_size']}, {report['device']}, {report['steps']} steps")
     table = Table(title=title)
-    for col in ("variant", "images/s", "step ms", "first step s", "peak GPU MB", "vs (b)", "(a) / this", "note"):
-        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+    for col in ("variant", "img/s", "step ms", "1st step s", "GPU MB", "vs (b)", "(a)/this"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    table.add_column("note")
     for row in report["variants"]:
         if "skipped" in row:
-            table.add_row(row["name"], "-", "-", "-", "-", "-", "-", f"not run: {row['skipped']}")
+            table.add_row(row["name"], *["-"] * 6, f"not run: {row['skipped']}")
             continue
         mem = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "-"
         vs_b = f"{row['vs_reference']:.2f}x" if row["vs_reference"] else "-"
         a_over = f"{row['pcltool_over_this']:.2f}x" if row["pcltool_over_this"] else "-"
         table.add_row(row["name"], f"{row['images_per_s']:.1f}", f"{row['step_ms']:.0f}",
-                      f"{row['first_step_s']:.2f}", mem, vs_b, a_over, row.get("warning", row["description"]))
+                      f"{row['first_step_s']:.2f}", mem, vs_b, a_over, row.get("warning", ""))
     return table

@@ -158,13 +158,6 @@ def gate(check: dict, precision: str, max_top1_drop: float, reference_scale: flo
                                    if precision == "int8" else ""))
 
 
-def verify_engine(engine, reference: np.ndarray, batches: list[np.ndarray], labels: np.ndarray, precision: str,
-                  max_top1_drop: float) -> dict:
-    check = compare_logits(reference, engine.predict_all(batches), labels)
-    gate(check, precision, max_top1_drop, float(np.abs(reference).max()))
-    return check
-
-
 # --- the stage ----------------------------------------------------------------------------------------------------
 def _check_backend(engine: str, precision: str) -> None:
     """Fail before anything is written when the engine cannot be built here."""
@@ -186,6 +179,19 @@ def _check_backend(engine: str, precision: str) -> None:
                                           "pcltool[gpu]`) on a GPU machine, or build fp32/int8 for the CPU")
 
 
+def _check_trt_flags(engine: str, precision: str) -> None:
+    """The weakly typed path exists only where the installed TensorRT still has the precision flags (10.x)."""
+    if engine != "trt" or precision == "fp32":
+        raise UsageError("--trt-flags applies to --engine trt with --precision fp16 or int8 only")
+    from pcltool.runtime.tensorrt import import_tensorrt
+
+    trt = import_tensorrt()
+    if not hasattr(trt.BuilderFlag, precision.upper()):
+        raise UsageError(f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()} (TensorRT 11 removed "
+                         "the precision flags); build without --trt-flags: the strongly typed network from the FP16 / "
+                         "INT8 Q/DQ ONNX works on TensorRT 10 and 11")
+
+
 def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: str | None = None,
               batch: tuple[int, int, int] = DEFAULT_BATCH, calib_images: int = 512, calib_method: str = "minmax",
               max_top1_drop: float = 1.0, threads: int | None = None, hardware_compat: str = "none",
@@ -194,8 +200,8 @@ def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: s
     _check_backend(engine, precision)
     if engine == "trt" and hardware_compat not in ("none", "ampere+", "same-cc"):
         raise UsageError(f"--hardware-compat {hardware_compat}: allowed none, ampere+, same-cc")
-    if trt_flags and engine != "trt":
-        raise UsageError("--trt-flags applies to --engine trt only")
+    if trt_flags:
+        _check_trt_flags(engine, precision)
     batch = parse_batch(batch)
     with holding_lock(run):
         return _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads,
@@ -250,10 +256,12 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
             metrics["build_seconds"] = time.perf_counter() - t0
             say(f"verifying against the FP32 ONNX model on {len(val_labels)} validation images")
             try:
-                metrics["verification"] = verify_engine(candidate_engine, reference, val_batches, val_labels,
-                                                        precision, max_top1_drop)
+                metrics["verification"] = compare_logits(reference, candidate_engine.predict_all(val_batches),
+                                                         val_labels)
             finally:
                 candidate_engine.close()
+            run.record_metrics(key, metrics)  # kept in the manifest when the gate fails
+            gate(metrics["verification"], precision, max_top1_drop, float(np.abs(reference).max()))
             metrics["engine_bytes"] = built["engine"].stat().st_size
             outputs = {}
             for name, path in built.items():

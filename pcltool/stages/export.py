@@ -20,8 +20,11 @@ Metadata: ``pcltool.class_names``, ``pcltool.mean``, ``pcltool.std``, ``pcltool.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +98,20 @@ def check_options(opset: int | None, dynamic_batch: bool, static_batch: int | No
     return ExportOptions(opset if opset is not None else DEFAULT_OPSET, batch, simplify, raw_input)
 
 
+@contextlib.contextmanager
+def _silenced_stdout():
+    """Silence file descriptor 1 (libtorch prints the whole graph there when an export fails)."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def export_onnx(model: nn.Module, path: Path, card: dict, options: ExportOptions, metadata: dict[str, str]):
     """Write ``model`` (eval mode) to ``path``; returns the graph as exported (before any simplification)."""
     import onnx
@@ -112,22 +129,28 @@ def export_onnx(model: nn.Module, path: Path, card: dict, options: ExportOptions
         kwargs["dynamo"] = False  # the TorchScript exporter: reliable for these CNNs on torch 2.4 .. 2.x
     if options.batch is None:
         kwargs["dynamic_axes"] = {"images": {0: "batch"}, "logits": {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice and constant-folding chatter
+    # quiet: the legacy-exporter deprecation notice, constant-folding chatter, and the graph dump it prints
+    # when it fails (the error below says what failed)
+    with warnings.catch_warnings(), _silenced_stdout():
+        warnings.simplefilter("ignore")
         try:
             torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
                               opset_version=options.opset, do_constant_folding=False,
                               training=torch.onnx.TrainingMode.EVAL, export_params=True, **kwargs)
         except Exception as err:
+            reason = (str(err).strip().splitlines() or [""])[0].split(" [Caused by")[0][:300].strip()
             raise UsageError(f"the installed exporter (torch {torch.__version__}) could not export "
-                             f"{card['candidate']} at opset {options.opset}: {type(err).__name__}: "
-                             f"{str(err)[:500]}; try the default --opset {DEFAULT_OPSET}") from None
+                             f"{card['candidate']} at opset {options.opset}: {type(err).__name__}: {reason}; "
+                             f"use the default --opset {DEFAULT_OPSET}") from None
     exported = onnx.load(str(path))
     final = exported
     if options.simplify:
         import onnxscript.optimizer
 
         final = onnxscript.optimizer.optimize(onnx.ModelProto.FromString(exported.SerializeToString()))
+    if options.batch is not None:  # the exporter leaves the output's batch symbolic even for a fixed input
+        for value in (*final.graph.input, *final.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_value = options.batch
     del final.metadata_props[:]
     for key, value in metadata.items():
         final.metadata_props.add(key=key, value=value)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pcltool.errors import RunDirError
 from pcltool.manifest import MANIFEST, RunDir, sha256_file
-from pcltool.stages.bench import DEFAULT_BATCHES, bench_table
+from pcltool.stages.bench import DEFAULT_BATCHES, print_table
 
 PIPELINE_BUILDS = ("fp32", "int8")
 
@@ -97,6 +97,6 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
         else:
             doc = run_bench(run, engines, batches, device, peer=candidate, console=console)
     if console is not None:
-        console.print(bench_table(doc))
+        print_table(console, doc)
         console.print(f"plot: {run.path / 'bench.png'}\nrun:  {run.path}")
     return run.path

@@ -156,11 +156,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+_FLOPS_CACHE: dict[tuple, int] = {}
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: list[int] | tuple[int, ...], device=None) -> int:
-    """FLOPs of one forward pass on one image, from torch's flop counter (a multiply-add counts 2)."""
+    """FLOPs of one forward pass on one image, from torch's flop counter (a multiply-add counts 2).
+
+    Remembered per structure (class, tensor names and shapes, input size): the live and the mean network, or a
+    peer and its pruned copy, are counted once."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    key = (type(model).__qualname__, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+           tuple(input_size))
+    if key in _FLOPS_CACHE:
+        return _FLOPS_CACHE[key]
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *input_size, device=device)
@@ -169,7 +179,8 @@ def count_flops(model: nn.Module, input_size: list[int] | tuple[int, ...], devic
             model(x)
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
+    _FLOPS_CACHE[key] = int(counter.get_total_flops())
+    return _FLOPS_CACHE[key]
 
 
 @contextlib.contextmanager

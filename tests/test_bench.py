@@ -1,0 +1,147 @@
+"""``pcltool bench`` (output schema, plot, interruption), the latency measurement, and ``pcltool run``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pcltool.cli import app
+from pcltool.errors import UsageError
+from pcltool.manifest import RunDir
+from pcltool.runtime import Engine
+from pcltool.runtime.timing import measure, median_ci_rel
+from pcltool.stages.bench import CSV_FIELDS, pareto_front, parse_batches, parse_engines, run_bench
+from tests.test_build import (  # noqa: F401  (fixtures)
+    CANDIDATE, _one_thread, built_run, exported_run, exported_template, int8_template)
+
+FAST = {"max_seconds": 0.3}
+
+
+def test_bench_writes_json_csv_and_plot(built_run):
+    run = RunDir.open(built_run)
+    doc = run_bench(run, engines="torch,ort", batches=(1, 16), device="cpu", **FAST)
+    assert doc["status"] == "done" and doc["candidate"] == CANDIDATE and doc["split"] == "test"
+    hw, sw = doc["hardware"], doc["software"]
+    assert hw["cpu"]["model"] and hw["cpu"]["logical_cpus"] >= 1
+    assert hw["peak_fp32"]["measured"]["gflops"] > 0 and "sgemm" in hw["peak_fp32"]["measured"]["method"]
+    assert {"torch", "onnxruntime", "onnx", "numpy", "python"} <= set(sw)
+    rows = {(v["role"], v["backend"], v["precision"]): v for v in doc["variants"]}
+    assert {("deployed", "torch", "fp32"), ("unpruned", "torch", "fp32"), ("teacher", "torch", "fp32"),
+            ("deployed", "ort", "fp32"), ("deployed", "ort", "int8")} <= set(rows)
+    deployed = rows[("deployed", "torch", "fp32")]
+    assert rows[("unpruned", "torch", "fp32")]["flops"] > deployed["flops"] > 0  # what pruning bought
+    assert rows[("deployed", "ort", "int8")]["size_mb"] < rows[("deployed", "ort", "fp32")]["size_mb"]
+    for v in doc["variants"]:
+        assert v["status"] == "ok" and 0 <= v["top1"] <= 100
+    # the same network gives the same top-1 in PyTorch, in ONNX Runtime and inside the multi-branch network
+    assert deployed["top1"] == rows[("deployed", "ort", "fp32")]["top1"] == rows[("unpruned", "torch", "fp32")]["top1"]
+    assert len(doc["results"]) == len(doc["variants"]) * 2
+    for r in doc["results"]:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iterations"] >= 6 and r["throughput"] > 0
+        assert r["cv"] >= 0 and r["flop_floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["p50_ms"] / r["flop_floor_ms"])
+
+    with (built_run / "bench.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0].keys()) == CSV_FIELDS and len(table) == len(doc["results"])
+    assert (built_run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = run.require("bench")
+    assert set(record["outputs"]) == {"json", "csv", "plot"} and record["params"]["batches"] == [1, 16]
+    assert set(record["metrics"]["best"]) == {"1", "16"}
+
+
+def test_interrupted_bench_keeps_what_finished(built_run, monkeypatch):
+    import pcltool.runtime.timing as timing
+
+    real, calls = timing.measure, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "measure", interrupted)
+    run = RunDir.open(built_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(run, engines="ort", batches=(1, 2, 4), device="cpu", **FAST)
+    doc = json.loads((built_run / "bench.json").read_text())
+    assert doc["status"] == "interrupted" and [r["batch"] for r in doc["results"]] == [1, 2]
+    assert run.stage("bench")["status"] == "failed"
+
+
+class _Sleeper(Engine):
+    """An engine whose run takes a known time (tests the timing loop, not a model)."""
+
+    backend = "sleep"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def prepare(self, images):
+        return images
+
+    def run(self, prepared):
+        time.sleep(self.seconds)
+        return prepared
+
+
+def test_measure_reports_percentiles_of_the_call():
+    t = measure(_Sleeper(0.002), np.zeros((4, 1, 2, 2), np.float32), warmup_s=0.01, max_seconds=0.5)
+    assert 2.0 <= t.p50_ms < 10 and t.p50_ms <= t.p90_ms <= t.p99_ms and t.batch == 4
+    assert t.throughput == pytest.approx(4 / t.mean_ms * 1e3) and t.iterations >= 20
+
+
+def test_median_ci_and_pareto_front():
+    assert median_ci_rel(np.full(100, 5.0)) == 0.0
+    assert median_ci_rel(np.array([1.0, 2.0])) == float("inf")
+    # (latency, accuracy): 1 is dominated by 0 (slower and less accurate); 3 is the slow but best one
+    assert pareto_front([(1.0, 90.0), (2.0, 89.0), (0.5, 80.0), (5.0, 95.0)]) == [2, 0, 3]
+
+
+def test_parsing_bench_options():
+    assert parse_batches("1,8,64") == (1, 8, 64)
+    assert parse_engines("all") == ("torch", "torch-compile", "ort", "trt")
+    for bad in ("0,1", "x", ""):
+        with pytest.raises(UsageError):
+            parse_batches(bad)
+    with pytest.raises(UsageError, match="unknown engine"):
+        parse_engines("torch,onnx")
+
+
+def test_bench_cli(built_run):
+    result = CliRunner().invoke(app, ["bench", str(built_run), "--engine", "ort,trt", "--batch", "2",
+                                      "--device", "cpu", "--max-seconds", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "ort/cpu int8" in result.output and "bench.png" in result.output
+    doc = json.loads((built_run / "bench.json").read_text())
+    trt = [v for v in doc["variants"] if v["backend"] == "trt"]
+    assert trt and trt[0]["status"] == "skipped"  # no TensorRT engine here: listed, not measured
+    result = CliRunner().invoke(app, ["bench", str(built_run), "--engine", "tensorflow"])
+    assert result.exit_code == 2 and "unknown engine" in result.output
+
+
+def test_pipeline_runs_missing_stages_and_skips_fresh_ones(trained_run):
+    from pcltool.stages.pipeline import run_pipeline
+    from pcltool.stages.train import recipe_of_run
+
+    recipe = recipe_of_run(RunDir.open(trained_run))
+    opts = {"engines": ("ort",), "batches": (2,), "device": "cpu", "calib_images": 64}
+    run_pipeline(recipe, trained_run, **opts)
+    run = RunDir.open(trained_run)
+    stages = run.read()["stages"]
+    done = {k for k, v in stages.items() if v["status"] == "done"}
+    candidate = next(k.split(":")[1] for k in done if k.startswith("export:"))
+    assert {"train", "select", f"prune:{candidate}", f"export:{candidate}", f"build:ort-fp32:{candidate}",
+            f"build:ort-int8:{candidate}", "bench"} <= done
+    before = run.read()["stages"]
+    run_pipeline(recipe, trained_run, **opts)  # nothing changed: every stage is skipped
+    assert run.read()["stages"] == before
+    # a changed input (the int8 engine's calibration size) re-runs that build and the bench, nothing else
+    run_pipeline(recipe, trained_run, **{**opts, "calib_images": 32})
+    after = run.read()["stages"]
+    assert {k for k in after if after[k] != before[k]} == {f"build:ort-int8:{candidate}", "bench"}

@@ -1,0 +1,70 @@
+"""``pcltool bench-train``: the variant plan per device, and one tiny end-to-end run through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pcltool.cli import app
+from pcltool.config import load_recipe
+from pcltool.errors import UsageError
+from pcltool.stages.bench_train import PIECES, plan_variants
+from tests.conftest import QUICKSTART
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _plan(sets, device=CPU, skip=()):
+    return {v.name: v for v in plan_variants(load_recipe(QUICKSTART, sets), device, skip)}
+
+
+def test_plan_lists_a_b_and_every_piece_with_reasons_for_what_cannot_apply():
+    plan = _plan(["device=cpu"])
+    assert list(plan)[:2] == ["pcltool", "reference"] and len(plan) == 2 + len(PIECES)
+    assert "host memory" in plan["without data on device"].skipped
+    assert "cpu_fast_path" in plan["without channels_last"].skipped
+    assert "cpu_fast_path" in plan["without bf16 autocast"].skipped
+    for name in ("without batched views", "without fused optimizer", "without foreach EMA", "with compile"):
+        assert plan[name].skipped is None, name
+    assert plan["with compile"].overrides == ("train.compile=true",)
+
+    fast = _plan(["device=cpu", "train.cpu_fast_path=true", "train.compile=true"], skip=("foreach_ema",))
+    assert fast["without channels_last"].skipped is None
+    assert fast["without bf16 autocast"].overrides == ("train.precision=fp32",)
+    assert fast["without compile"].overrides == ("train.compile=false",)
+    assert fast["without foreach EMA"].skipped == "--skip"
+    with pytest.raises(UsageError, match="unknown"):
+        _plan(["device=cpu"], skip=("warp_drive",))
+
+
+def test_cuda_plan_runs_every_piece():
+    plan = _plan([], device=torch.device("cuda", 0))
+    assert all(v.skipped is None for v in plan.values())
+
+
+def test_bench_train_cli_writes_report(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench-train", str(QUICKSTART), "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
+        "--skip", "compile", "--skip", "batched_views", "--set", "train.batch_size=32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(a)/(b)" in result.output
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    a, b = rows["pcltool"], rows["reference"]
+    assert report["speedup_a_over_b"] == pytest.approx(a["images_per_s"] / b["images_per_s"])
+    assert report["reference_workers"] >= 1 and report["steps"] == 2 and report["batch_size"] == 32
+    measured = [r for r in report["variants"] if "skipped" not in r]
+    assert {r["name"] for r in measured} == {"pcltool", "reference", "without fused optimizer", "without foreach EMA"}
+    for r in measured:
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["peak_memory_mb"] is None
+        assert r["mean_loss"] == pytest.approx(r["mean_loss"]) and 0 < r["mean_loss"] < 100  # finite, sane
+    assert rows["with compile"]["skipped"] == "--skip"
