@@ -47,7 +47,7 @@ class Preprocessing:
         self.raw = str(meta.get("input_format", "float32-nchw-normalized")).startswith("uint8")
 
     def load(self, path: Path) -> np.ndarray:
-        """(C, H, W): uint8 for a raw-input model, else normalised float32."""
+        """Normalised float32 (C, H, W); for a raw-input model (``uint8-nhwc``) the uint8 (H, W, C) pixels."""
         with Image.open(path) as img:
             img = img.convert("L" if self.channels == 1 else "RGB")
             if img.size != (self.width, self.height):
@@ -57,10 +57,11 @@ class Preprocessing:
                 left, top = (img.width - self.width) // 2, (img.height - self.height) // 2
                 img = img.crop((left, top, left + self.width, top + self.height))
             pixels = np.asarray(img, dtype=np.uint8)
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, H, W)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]  # (H, W, 1)
         if self.raw:
             return np.ascontiguousarray(pixels)
-        return (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
+        return (pixels.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
 
 
 def _decode(meta: dict) -> dict:

@@ -139,6 +139,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
                          "use at most that many, or --device cpu for CPU processes")
     if not wants_cpu and not torch.cuda.is_available():
         raise UsageError("--nproc needs GPUs (none visible); add --device cpu to run CPU processes with gloo")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -152,4 +153,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
               f"(exit code {failure.exitcode}); the other processes were stopped. Fix the cause, then continue from "
               "the last checkpoint with the same command plus --resume.", file=sys.stderr)
         return 1
+    except SignalException as err:
+        print(f"pcltool: interrupted ({err.sigval.name}); the training processes were stopped. Continue from the last "
+              "checkpoint with the same command plus --resume.", file=sys.stderr)
+        return 130
     return 0

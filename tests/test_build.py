@@ -208,3 +208,17 @@ def test_cli_trt_without_tensorrt_says_how_to_install(exported_run):
     assert "pip install tensorrt" in result.output and "pcltool[tensorrt]" in result.output
     assert json.loads((exported_run / "manifest.json").read_text()) == before
     assert not (exported_run / "engines").exists()
+
+
+def test_raw_input_model_is_built_and_verified_on_uint8_pixels(exported_run):
+    from pcltool.stages.export import run_export
+
+    run = RunDir.open(exported_run)
+    run_export(run, peer=CANDIDATE, raw_input=True)
+    metrics = run_build(run, "ort", "int8", calib_images=64, max_top1_drop=100.0)
+    assert metrics["verification"]["images"] > 100 and metrics["verification"]["top1_agreement"] > 80.0
+    engine = run.artifact(f"build:ort-int8:{CANDIDATE}", "engine")
+    from pcltool.runtime.ort import OrtEngine, read_metadata
+
+    assert read_metadata(engine)["input_format"] == "uint8-nhwc"
+    assert OrtEngine(engine).predict(np.zeros((2, 8, 8, 1), np.uint8)).shape == (2, 10)

@@ -3,6 +3,7 @@ folder, and ``pcltool deploy triton``'s model repository."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -124,3 +125,17 @@ def test_triton_cli(built_run, tmp_path):
     assert _config_value(config, "name") == '"digits"' and (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
     result = CliRunner().invoke(app, ["deploy", "triton", str(built_run), str(tmp_path / "repo"), "--engine", "tvm"])
     assert result.exit_code == 2 and "allowed engines" in result.output
+
+
+def test_preprocessing_follows_the_recorded_input_format(tmp_path):
+    spec = importlib.util.spec_from_file_location("pcl_infer", DEPLOY)
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    Image.fromarray(np.full((40, 30, 3), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    meta = {"input_size": [3, 8, 8], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    x = deploy.Preprocessing(meta).load(tmp_path / "white.png")
+    assert x.shape == (3, 8, 8) and x.dtype == np.float32 and np.allclose(x, 2.0)  # (1 - 0.5) / 0.25
+    raw = deploy.Preprocessing({**meta, "input_format": "uint8-nhwc"}).load(tmp_path / "white.png")
+    assert raw.shape == (8, 8, 3) and raw.dtype == np.uint8 and (raw == 255).all()
+    with pytest.raises(ValueError, match="pcltool export"):
+        deploy.Preprocessing({"input_size": [3, 8, 8]})

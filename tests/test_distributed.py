@@ -1,10 +1,11 @@
 """Multi-process training: 2 CPU processes with the gloo backend under torchrun.
 
-After training the weights are identical on both ranks and match a single-process run with the same global batch;
-validation covers the whole split; a rank that dies ends the job with a message naming it; ``--resume`` under
-torchrun continues to the same weights as an uninterrupted run.
+After training the weights are identical on both ranks and match a single-process run with the same global batch
+(whose BatchNorm normalises each rank's half of the batch on its own: SyncBatchNorm, which would remove that
+difference, needs CUDA); validation covers the whole split; a rank that dies ends the job with a message naming it;
+``--resume`` under torchrun continues the same training.
 
-Run as a script (``torchrun ... tests/test_distributed.py OUT DIE_AFTER -- pcltool-args``) this file is the worker:
+Run as a script (``torchrun ... tests/test_distributed.py OUT DIE_AFTER RUN -- pcltool-args``) this file is the worker:
 it trains through the real CLI with a trainer that also saves each rank's weights and validation counts to OUT, and
 (DIE_AFTER > 0) kills rank 1 once rank 0 has checkpointed epoch DIE_AFTER.
 """

@@ -20,7 +20,7 @@ def bench_train(
     set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.batch_size=128 (repeatable)")] = [],  # noqa: B006
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: <runs_dir>/bench-train-<recipe name>.json)")] = None,
     skip: Annotated[list[str], typer.Option("--skip", help="leave out a variant: reference, data_on_device, batched_views, channels_last, autocast, fused_optimizer, foreach_ema, compile (repeatable)")] = [],  # noqa: B006
-    repeat: Annotated[int, typer.Option("--repeat", help="run all variants N times, interleaved; keep each one's fastest")] = 1,
+    repeat: Annotated[int, typer.Option("--repeat", help="run all variants N times in alternating order; keep each one's fastest")] = 1,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers of the reference path (default: one per CPU core)")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch ops (default: PyTorch's choice)")] = None,
 ):

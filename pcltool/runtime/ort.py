@@ -141,7 +141,7 @@ class OrtEngine(Engine):
             raise VerificationError(f"ONNX Runtime cannot load {self.path}: {err}") from None
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
-        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self.input_dtype = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
         if isinstance(inp.shape[0], int):
             self.min_batch = self.max_batch = inp.shape[0]
         self._cuda = device.startswith("cuda")

@@ -112,12 +112,13 @@ def build_engine(onnx_path: Path, plan: Path, batch: tuple[int, int, int], preci
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if weak_flag is None:
+    major = int(trt.__version__.split(".")[0])
+    if weak_flag is None and major < 11:  # TensorRT 11: always strongly typed (the flag is ignored or gone)
         strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         if strongly_typed is None:
             raise BackendUnavailableError(f"TensorRT {trt.__version__} has no strongly typed networks; install "
                                           "TensorRT 10 or newer")
-        flags |= 1 << int(strongly_typed)  # TensorRT 11: always on, the flag is accepted and ignored
+        flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

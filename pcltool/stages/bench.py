@@ -26,6 +26,7 @@ from torch import nn
 
 from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageError
 from pcltool.manifest import RunDir, atomic_path, atomic_write_text, now
+from pcltool.runtime.ort import read_metadata
 from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
 from pcltool.stages.select import holding_lock
 
@@ -212,12 +213,18 @@ def _trt_variants(run, candidate, deployed, device, params, flops) -> list[Varia
     if not built:
         return [Variant(deployed, "deployed", "trt", "-", device, None, params, flops, status="skipped",
                         note="no TensorRT engine built: pcltool build RUN --engine trt")]
-    reason = ("TensorRT engines run on a GPU: use --device cuda" if device != "cuda"
-              else None if tensorrt_available() else "TensorRT is not installed (pip install 'pcltool[tensorrt]')")
-    return [Variant(deployed, "deployed", "trt", precision, "cuda", None if reason else (lambda p=path, pr=precision:
-                    TrtEngine(p, pr)), params, flops, path.stat().st_size, run.relative(path),
-                    status="skipped" if reason else "pending", note=reason or "")
-            for precision, path in sorted(built.items())]
+    reason = ""
+    if device != "cuda":
+        reason = "TensorRT engines run on a GPU: use --device cuda"
+    elif not tensorrt_available():
+        reason = "TensorRT is not installed (pip install 'pcltool[tensorrt]')"
+    variants = []
+    for precision, path in sorted(built.items()):
+        make = None if reason else (lambda p=path, pr=precision: TrtEngine(p, pr))
+        variants.append(Variant(deployed, "deployed", "trt", precision, "cuda", make, params, flops,
+                                path.stat().st_size, run.relative(path), status="skipped" if reason else "pending",
+                                note=reason))
+    return variants
 
 
 # --- measuring ------------------------------------------------------------------------------------------------------
@@ -256,8 +263,6 @@ class BenchFiles:
 def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATCHES, device: str = "auto",
               threads: int | None = None, peer: str | None = None, max_seconds: float = 3.0, console=None) -> dict:
     """Benchmark, write bench.json/csv/png, record the ``bench`` stage; returns the bench.json document."""
-    from pcltool.runtime import hardware
-
     engines, batches = parse_engines(engines), parse_batches(batches)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,8 +273,6 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
     threads = threads or torch.get_num_threads()
     with holding_lock(run):
         candidate, onnx_path = resolve_export(run, peer)
-        from pcltool.runtime.ort import read_metadata
-
         meta = read_metadata(onnx_path)
         data = load_run_data(run, meta)
         params = {"engines": list(engines), "batches": list(batches), "device": device, "threads": threads,
@@ -277,13 +280,12 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
         inputs = {"onnx": onnx_path, **_bench_inputs(run, candidate)}
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-        # Denormal floats take x86 microcode assists (100x slower convolutions in PyTorch on some models); both
-        # PyTorch and ONNX Runtime (session.set_denormal_as_zero) flush them to zero while benchmarking.
+        # Denormal floats take slow microcode paths on x86: PyTorch (here) and ONNX Runtime
+        # (session.set_denormal_as_zero) both flush them to zero, so neither is timed on that accident.
         params["flush_denormal"] = torch.set_flush_denormal(True)
         try:
             with run.running("bench", params, inputs):
-                doc = _bench(run, candidate, onnx_path, meta, data, engines, batches, device, threads,
-                             max_seconds, params, hardware, console)
+                doc = _bench(run, candidate, onnx_path, meta, data, params, console)
                 outputs = {"json": run.path / BENCH_JSON, "csv": run.path / BENCH_CSV}
                 if (run.path / BENCH_PNG).exists():
                     outputs["plot"] = run.path / BENCH_PNG
@@ -305,23 +307,40 @@ def _bench_inputs(run: RunDir, candidate: str) -> dict[str, Path]:
     return found
 
 
-def _bench(run, candidate, onnx_path, meta, data, engines, batches, device, threads, max_seconds, params, hardware,
-           console) -> dict:
-    from pcltool.runtime.timing import measure
+def _header(run: RunDir, candidate: str, params: dict) -> dict:
+    """What the bench ran on: CPU (and, for CPU rows, its measured peak FP32 rate), GPU, library versions."""
+    from pcltool.runtime import hardware
 
     cpu = hardware.cpu_info()
     header = {"schema": 1, "run": str(run.path), "run_id": run.run_id, "candidate": candidate, "started": now(),
               "settings": params, "split": "test",
               "hardware": {"cpu": cpu, "gpu": hardware.gpu_info()}, "software": hardware.library_versions()}
-    if device == "cpu":
-        header["hardware"]["peak_fp32"] = {"measured": hardware.measure_peak_fp32(threads),
-                                           "nominal": hardware.nominal_peak_fp32(cpu, threads)}
-    peak = header["hardware"].get("peak_fp32", {}).get("measured", {}).get("gflops")
-    files = BenchFiles(run, header)
-    input_format = meta.get("input_format", FLOAT_FORMAT)
-    files.variants = plan_variants(run, candidate, onnx_path, data, engines, device, threads, input_format)
+    if params["device"] == "cpu":
+        header["hardware"]["peak_fp32"] = {"measured": hardware.measure_peak_fp32(params["threads"]),
+                                           "nominal": hardware.nominal_peak_fp32(cpu, params["threads"])}
+    return header
+
+
+def _time(engine, v: Variant, test_batches: list[np.ndarray], batch: int, peak: float | None,
+          max_seconds: float) -> dict:
+    from pcltool.runtime.timing import measure
+
+    if batch < engine.min_batch or (engine.max_batch is not None and batch > engine.max_batch):
+        return {"batch": batch, "note": f"outside the engine's profile {engine.min_batch}..{engine.max_batch}"}
+    t = measure(engine, _batch_of(test_batches, batch), max_seconds=max_seconds).as_dict()
+    if peak and v.device == "cpu" and v.precision == "fp32" and v.flops:  # the floor of FP32 arithmetic
+        t["flop_floor_ms"] = v.flops * batch / (peak * 1e9) * 1e3
+        t["x_floor"] = t["p50_ms"] / t["flop_floor_ms"]
+    return t
+
+
+def _bench(run: RunDir, candidate: str, onnx_path: Path, meta: dict, data, params: dict, console) -> dict:
+    files = BenchFiles(run, _header(run, candidate, params))
+    peak = files.header["hardware"].get("peak_fp32", {}).get("measured", {}).get("gflops")
+    batches = params["batches"]
+    files.variants = plan_variants(run, candidate, onnx_path, data, params["engines"], params["device"],
+                                   params["threads"], meta.get("input_format", FLOAT_FORMAT))
     tests = {fmt: split_arrays(data, data.test, fmt) for fmt in {v.input_format for v in files.variants}}
-    top5 = data.num_classes >= 100
     todo = [v for v in files.variants if v.status == "pending"]
     files.save("running")
     progress = _progress(console, len(todo) * (len(batches) + 1))
@@ -335,28 +354,17 @@ def _bench(run, candidate, onnx_path, meta, data, engines, batches, device, thre
                     logits = engine.predict_all(test_batches)
                 except (BackendUnavailableError, EngineMismatchError) as err:
                     v.status, v.note = "skipped", str(err)
-                    progress.advance(len(batches) + 1, task)
-                    files.save("running")
-                    continue
                 except Exception as err:  # e.g. torch.compile without a working compiler: recorded, not fatal
                     v.status, v.note = "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                if v.status != "pending":
                     progress.advance(len(batches) + 1, task)
                     files.save("running")
                     continue
-                v.top1 = _topk(logits, test_labels, 1)
-                v.top5 = _topk(logits, test_labels, 5) if top5 else None
-                v.status = "ok"
+                v.status, v.top1 = "ok", _topk(logits, test_labels, 1)
+                v.top5 = _topk(logits, test_labels, 5) if data.num_classes >= 100 else None
                 progress.advance(1, task)
                 for b in batches:
-                    if b < engine.min_batch or (engine.max_batch is not None and b > engine.max_batch):
-                        v.results.append({"batch": b, "note": f"outside the engine's profile "
-                                                              f"{engine.min_batch}..{engine.max_batch}"})
-                    else:
-                        t = measure(engine, _batch_of(test_batches, b), max_seconds=max_seconds).as_dict()
-                        if peak and v.device == "cpu" and v.flops:
-                            t["flop_floor_ms"] = v.flops * b / (peak * 1e9) * 1e3
-                            t["x_floor"] = t["p50_ms"] / t["flop_floor_ms"]
-                        v.results.append(t)
+                    v.results.append(_time(engine, v, test_batches, b, peak, params["max_seconds"]))
                     progress.advance(1, f"{task} · batch {b}")
                     files.save("running")
                 engine.close()
@@ -426,42 +434,54 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """Accuracy against p50 latency, one panel per batch size, Pareto front marked."""
+    """Accuracy against p50 latency, one panel per batch size; each variant keeps its colour and marker across
+    panels (legend below), the Pareto front is the red step line through ringed points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    variants = {v["key"]: v for v in doc["variants"] if v["status"] == "ok"}
+    variants = [v for v in doc["variants"] if v["status"] == "ok"]
     batches = sorted({r["batch"] for r in doc["results"] if "p50_ms" in r})
     if not batches:
         return
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        rows = [(r["p50_ms"], variants[r["variant"]]["top1"], r["variant"]) for r in doc["results"]
-                if r["batch"] == b and "p50_ms" in r and r["variant"] in variants]
-        front = pareto_front([(x, y) for x, y, _ in rows])
-        for i, (x, y, key) in enumerate(rows):
-            model, engine = key.split(" | ")
-            ax.scatter(x, y, s=60 if i in front else 30, marker="o" if i in front else "x",
-                       color="tab:red" if i in front else "tab:gray", zorder=3)
-            ax.annotate(f"{model.split(' (')[0]} {engine}", (x, y), fontsize=6.5, xytext=(4, 3),
-                        textcoords="offset points")
+    markers = "osD^v<>ph*X"
+    style = {v["key"]: (plt.cm.tab10(i % 10), markers[i % len(markers)]) for i, v in enumerate(variants)}
+    cols = min(2, len(batches))
+    rows = -(-len(batches) // cols)
+    legend_in = 0.25 * -(-(len(variants) + 1) // cols) + 0.2  # legend height, inches
+    height = 4.2 * rows + legend_in
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, height), squeeze=False)
+    for ax in axes.flat[len(batches):]:
+        ax.axis("off")
+    top1 = {v["key"]: v["top1"] for v in variants}
+    for ax, b in zip(axes.flat, batches):
+        points = [(r["p50_ms"], top1[r["variant"]], r["variant"]) for r in doc["results"]
+                  if r["batch"] == b and "p50_ms" in r and r["variant"] in top1]
+        front = pareto_front([(x, y) for x, y, _ in points])
+        for x, y, key in points:
+            color, marker = style[key]
+            ax.scatter(x, y, color=color, marker=marker, s=46, zorder=3, label=key)
         if front:
-            fx, fy = zip(*[(rows[i][0], rows[i][1]) for i in front])
-            ax.step(fx, fy, where="post", color="tab:red", linewidth=1, label="Pareto front")
-            ax.legend(loc="lower right", fontsize=7)
+            fx, fy = zip(*[points[i][:2] for i in front])
+            ax.step(fx, fy, where="post", color="tab:red", linewidth=1.2, zorder=2)
+            ax.scatter(fx, fy, s=150, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=4)
         ax.set_xscale("log")
-        ax.set_xlabel("p50 latency per batch (ms, log)")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("p50 latency per batch (ms, log scale)")
         ax.set_ylabel(f"top-1 on the {doc.get('split', 'test')} split (%)")
         ax.set_title(f"batch {b}")
         ax.grid(True, which="both", alpha=0.3)
-    cpu = doc["hardware"]["cpu"].get("model", "")
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=k) for k, (c, m) in style.items()]
+    handles.append(plt.Line2D([], [], color="tab:red", label="Pareto front (faster and at least as accurate)"))
+    fig.legend(handles=handles, loc="lower center", ncol=cols, fontsize=8, frameon=False)
     gpu = (doc["hardware"].get("gpu") or {}).get("name")
-    fig.suptitle(f"{doc['candidate']}: accuracy vs latency — {gpu or cpu}", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{doc['candidate']}: accuracy vs latency — {gpu or doc['hardware']['cpu'].get('model', '')}, "
+                 f"{doc['settings']['threads']} threads", fontsize=11)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -9,7 +9,8 @@ listed with the reason and not run.
 Every variant builds its own trainer, runs ``warmup`` steps (the first one timed apart: it holds compilation and
 allocator warm-up), then ``steps`` timed steps including its own data pipeline; the device is synchronised at
 both ends of the window. images/s counts images, not views. ``repeat`` runs the whole list several times,
-interleaved, and keeps each variant's fastest window (the machine may be shared).
+in alternating order, and keeps each variant's fastest window (the machine may be shared); every window's
+step time is kept in the report.
 """
 
 from __future__ import annotations
@@ -131,17 +132,18 @@ def measure(variant: Variant, recipe: Recipe, data, device: torch.device, steps:
         loss_sum += trainer.train_step(images_or_views, labels, epoch_float)[0].to(device)
         images += int(labels.shape[0])
     elapsed = _sync(device) - start
-    last_loss = float(loss_sum) / max(steps, 1)
+    mean_loss = float(loss_sum) / steps
     result = {
         "images_per_s": images / elapsed,
         "step_ms": 1000.0 * elapsed / steps,
         "first_step_s": first_step,
-        "mean_loss": last_loss,
+        "compile_s": getattr(trainer, "compile_seconds", None),  # first compiled forward + backward
+        "mean_loss": mean_loss,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
     }
     del stream, trainer
     gc.collect()
-    if not math.isfinite(last_loss):
+    if not math.isfinite(mean_loss):
         result["warning"] = "loss is not finite"
     return result
 
@@ -158,13 +160,15 @@ def run_bench_train(recipe: Recipe, data, device: torch.device, steps: int = 10,
         raise UsageError("--steps and --repeat must be >= 1 and --warmup >= 0")
     variants = plan_variants(recipe, device, skip)
     best: dict[str, dict] = {}
-    for _ in range(repeat):
-        for v in variants:
+    windows: dict[str, list[float]] = {}
+    for i in range(repeat):
+        for v in variants if i % 2 == 0 else variants[::-1]:  # alternate the order: no variant always goes first
             if v.skipped:
                 continue
             if progress:
                 progress(v)
             r = measure(v, recipe, data, device, steps, warmup, workers)
+            windows.setdefault(v.name, []).append(round(r["step_ms"], 1))
             if v.name not in best or r["step_ms"] < best[v.name]["step_ms"]:
                 best[v.name] = r
     a = best.get("pcltool")
@@ -177,6 +181,7 @@ def run_bench_train(recipe: Recipe, data, device: torch.device, steps: int = 10,
         else:
             r = best[v.name]
             row.update(r)
+            row["all_step_ms"] = windows[v.name]
             row["vs_reference"] = r["images_per_s"] / b["images_per_s"] if b else None
             row["pcltool_over_this"] = a["images_per_s"] / r["images_per_s"] if a else None
         rows.append(row)
@@ -230,5 +235,10 @@ def report_table(report: dict):
         vs_b = f"{row['vs_reference']:.2f}x" if row["vs_reference"] else "-"
         a_over = f"{row['pcltool_over_this']:.2f}x" if row["pcltool_over_this"] else "-"
         table.add_row(row["name"], f"{row['images_per_s']:.1f}", f"{row['step_ms']:.0f}",
-                      f"{row['first_step_s']:.2f}", mem, vs_b, a_over, row.get("warning", ""))
+                      f"{row['first_step_s']:.2f}", mem, vs_b, a_over, _note(row))
     return table
+
+
+def _note(row: dict) -> str:
+    notes = [f"compile {row['compile_s']:.1f} s"] if row.get("compile_s") else []
+    return ", ".join(notes + ([row["warning"]] if "warning" in row else []))

@@ -79,11 +79,11 @@ class _MetricsLog:
             self._tb.close()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def _flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(_flatten(v, f"{prefix}{k}{sep}", sep))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -98,8 +98,8 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     run.acquire()
     saved = run.recipe
     if saved != recipe.resolved():
-        diffs = sorted(k for k in _flatten(saved).keys() | _flatten(recipe.resolved()).keys()
-                       if _flatten(saved).get(k) != _flatten(recipe.resolved()).get(k))
+        old, new = _flatten(saved, sep="."), _flatten(recipe.resolved(), sep=".")
+        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         run.release()
         raise RunDirError(f"--resume: the recipe differs from the one {path} was started with ({', '.join(diffs)}); "
                           "resume with the same recipe and --set values, or start a new run")
