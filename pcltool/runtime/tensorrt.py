@@ -167,8 +167,9 @@ def _torch_dtype(trt, dtype):
     import torch
 
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
+    for name in ("bfloat16", "uint8"):  # not in every TensorRT version
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = getattr(torch, name)
     return table[dtype]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pcltool.errors import RunDirError
+from pcltool.errors import RunDirError, StaleArtifactError
 from pcltool.manifest import MANIFEST, RunDir, sha256_file
 from pcltool.stages.bench import DEFAULT_BATCHES, print_table
 
@@ -66,6 +66,9 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
                           "to start a new run")
     if run is not None and is_fresh(run, "train"):
         say(f"train: up to date in {run.path}")
+    elif run is not None and (run.stage("train") or {}).get("status") == "done":
+        raise StaleArtifactError(f"{run.path}: the training outputs changed since they were recorded; start a new "
+                                 "run with --run NEW_DIR instead of editing artifacts by hand")
     else:
         resume = run is not None and run.stage("train") is not None
         run = RunDir.open(train_entry(recipe, run.path if run else run_path, resume, console))
@@ -88,9 +91,11 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
             else:
                 run_build(run, "ort", precision, peer=candidate, calib_images=calib_images,
                           max_top1_drop=max_top1_drop, console=console)
-        bench_params = {"engines": list(engines), "batches": list(batches), "candidate": candidate}
-        if device != "auto":
-            bench_params["device"] = device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        bench_params = {"engines": list(engines), "batches": list(batches), "candidate": candidate, "device": device}
         if is_fresh(run, "bench", bench_params):
             say("bench: up to date (inputs unchanged); results from bench.json")
             doc = json.loads((run.path / "bench.json").read_text())
