@@ -110,6 +110,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = None
+        self._entered: list[bool] = []  # per open `with`: did that block take the lock?
 
     # --- creation and discovery -------------------------------------------------------------------------------
     @classmethod
@@ -186,11 +187,16 @@ class RunDir:
             self._lock = None
 
     def __enter__(self) -> RunDir:
+        """Hold the lock for the block; a lock already held (by an enclosing block or by ``acquire``) stays held
+        afterwards, so stages can nest (``pcltool run`` holds the lock while it calls each stage)."""
+        already_held = self._lock is not None
         self.acquire()
+        self._entered.append(not already_held)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        if self._entered.pop():
+            self.release()
 
     # --- manifest I/O -----------------------------------------------------------------------------------------
     @property

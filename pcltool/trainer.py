@@ -141,8 +141,7 @@ class PCLTrainer:
         # (seed, epoch[, rank]) at the start of every epoch, so a resumed run draws exactly the same numbers.
         self.shuffle_gen = torch.Generator()
         self.augment_gen = torch.Generator(device=device)
-        self.view_maker = ViewMaker(recipe.data.augment, data.mean, data.std, device, recipe.data.pad,
-                                    data.image_size, tuple(recipe.data.scale))
+        self.view_maker = ViewMaker.from_config(recipe.data, data, device)
         self.weights = loss_weights(recipe)
         self.use_mean_teachers = self.weights.kd_mean and recipe.num_branches > 1
         self._ema_pairs = self._collect_ema_tensors()

@@ -100,3 +100,17 @@ def test_manifest_is_valid_json_after_many_updates(tmp_path):
     for i in range(20):
         run.update(lambda m, i=i: m.setdefault("counter", []).append(i))
     assert json.loads(run.manifest_path.read_text())["counter"] == list(range(20))
+
+
+def test_nested_with_blocks_keep_the_outer_lock(tmp_path):
+    run = _run(tmp_path)
+    run.release()
+    with run:
+        with run:  # a stage called from `pcltool run` enters the lock again
+            pass
+        assert run._lock is not None  # the inner block did not release the outer one
+    assert run._lock is None
+    run.acquire()
+    with run:
+        pass
+    assert run._lock is not None  # a lock taken by acquire() outlives the block

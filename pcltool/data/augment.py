@@ -93,6 +93,12 @@ class ViewMaker:
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
 
+    @classmethod
+    def from_config(cls, data_cfg, bundle, device) -> ViewMaker:
+        """The view maker a recipe's ``[data]`` section describes, for a loaded :class:`DatasetBundle`."""
+        return cls(data_cfg.augment, bundle.mean, bundle.std, device, data_cfg.pad, bundle.image_size,
+                   tuple(data_cfg.scale))
+
     def views(self, images: torch.Tensor, num_views: int, generator: torch.Generator) -> torch.Tensor:
         n = images.shape[0]
         batch = images.repeat(num_views, 1, 1, 1) if num_views > 1 else images

@@ -28,7 +28,6 @@ from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageEr
 from pcltool.manifest import RunDir, atomic_path, atomic_write_text, now
 from pcltool.runtime.ort import read_metadata
 from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
-from pcltool.stages.select import holding_lock
 
 BENCH_JSON, BENCH_CSV, BENCH_PNG = "bench.json", "bench.csv", "bench.png"
 ENGINE_CHOICES = ("torch", "torch-compile", "ort", "trt", "all")
@@ -271,7 +270,7 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device}: allowed auto, cpu, cuda")
     threads = threads or torch.get_num_threads()
-    with holding_lock(run):
+    with run:
         candidate, onnx_path = resolve_export(run, peer)
         meta = read_metadata(onnx_path)
         data = load_run_data(run, meta)

@@ -19,7 +19,6 @@ import torch
 
 from pcltool.errors import BackendUnavailableError, MissingArtifactError, UsageError, VerificationError
 from pcltool.manifest import RunDir
-from pcltool.stages.select import holding_lock
 
 ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "int8")}
 ENGINE_DIR = "engines"
@@ -203,7 +202,7 @@ def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: s
     if trt_flags:
         _check_trt_flags(engine, precision)
     batch = parse_batch(batch)
-    with holding_lock(run):
+    with run:
         return _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads,
                       hardware_compat, trt_flags, workspace_gib, console)
 

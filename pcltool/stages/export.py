@@ -33,14 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pcltool.data.augment import ViewMaker
 from pcltool.errors import UsageError
 from pcltool.manifest import RunDir, atomic_path
 from pcltool.onnx_gate import GATE_BATCH_SIZES, GateSpec, validate_onnx
 from pcltool.stages.prune import load_pruned, run_prune
 from pcltool.stages.select import (
     POLICIES,
-    eval_view_maker,
-    holding_lock,
     load_data,
     resolve_candidate,
     run_candidates,
@@ -212,7 +211,7 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
     from pcltool.stages.train import recipe_of_run
 
     options = check_options(opset, dynamic_batch, static_batch, simplify, raw_input)
-    with holding_lock(run):
+    with run:
         candidate = _ensure_pruned(run, peer, console)
         weights = run.artifact(f"prune:{candidate}", "weights")
         card_path = run.artifact(f"prune:{candidate}", "card")
@@ -220,7 +219,7 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
         model = load_pruned(weights, card)
         recipe = recipe_of_run(run)
         data = load_data(recipe)
-        view_maker = eval_view_maker(recipe, data, torch.device("cpu"))
+        view_maker = ViewMaker.from_config(recipe.data, data, torch.device("cpu"))
         c, h, w = card["input_size"]
         metadata = {
             "pcltool.class_names": json.dumps(card["class_names"]), "pcltool.mean": json.dumps(card["mean"]),

@@ -22,7 +22,6 @@ from pcltool.manifest import RunDir, atomic_path
 from pcltool.stages.select import (
     count_flops,
     count_params,
-    holding_lock,
     is_ensemble,
     load_run,
     parse_candidate,
@@ -127,7 +126,7 @@ def _candidate_for_prune(run: RunDir, peer: str, checkpoint: str, console) -> tu
 def run_prune(run: RunDir, peer: str = "mean", checkpoint: str = "last", console=None) -> dict:
     """Prune candidate ``peer`` (a name or a policy) of ``run``'s ``checkpoint``; verify, save, record
     ``prune:<candidate>``. Returns the stage's metrics."""
-    with holding_lock(run):
+    with run:
         candidate, select_table = _candidate_for_prune(run, peer, checkpoint, console)
         loaded = load_run(run, checkpoint)
         data, recipe = loaded.data, loaded.recipe

@@ -10,7 +10,6 @@ This module also holds what ``prune`` and ``export`` share: loading a run's netw
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +119,9 @@ def load_data(recipe):
     return _DATA_CACHE[key]
 
 
-def eval_view_maker(recipe, data, device):
-    from pcltool.data.augment import ViewMaker
-
-    return ViewMaker(recipe.data.augment, data.mean, data.std, device, recipe.data.pad, data.image_size,
-                     tuple(recipe.data.scale))
-
-
 def load_run(run: RunDir, checkpoint: str = "last", device: torch.device | None = None) -> LoadedRun:
     """Rebuild both networks of a finished ``train`` stage from a hash-verified checkpoint."""
+    from pcltool.data.augment import ViewMaker
     from pcltool.stages.train import load_checkpoint, recipe_of_run, resolve_device
     from pcltool.trainer import build_networks
 
@@ -148,7 +141,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device: torch.device | None 
     live.load_state_dict(state["live"])
     mean.load_state_dict(state["mean"])
     return LoadedRun(recipe, data, live.to(device).eval(), mean.to(device).eval(),
-                     eval_view_maker(recipe, data, device), device, checkpoint, path)
+                     ViewMaker.from_config(recipe.data, data, device), device, checkpoint, path)
 
 
 # --- measuring ------------------------------------------------------------------------------------------------------
@@ -183,18 +176,6 @@ def count_flops(model: nn.Module, input_size: list[int] | tuple[int, ...], devic
     return _FLOPS_CACHE[key]
 
 
-@contextlib.contextmanager
-def holding_lock(run: RunDir):
-    """Hold the run's lock for the block; a lock the caller already holds stays held afterwards."""
-    held = run._lock is not None
-    run.acquire()
-    try:
-        yield run
-    finally:
-        if not held:
-            run.release()
-
-
 # --- the stage ------------------------------------------------------------------------------------------------------
 def _kind(name: str) -> str:
     return {"ensemble": "ensemble head (live)", "mean-ensemble": "ensemble head (mean)"}.get(
@@ -219,7 +200,7 @@ def run_select(run: RunDir, checkpoint: str = "last", split: str = "val", consol
     if split != "val":
         raise UsageError(f"--split {split!r}: candidates are chosen on the validation split only ('val'); "
                          "the test split is reported after the choice, never used to make it")
-    with holding_lock(run):
+    with run:
         loaded = load_run(run, checkpoint)
         data, recipe = loaded.data, loaded.recipe
         input_size = [data.in_channels, data.image_size, data.image_size]
