@@ -93,6 +93,9 @@ class PCLConfig(_Section):
     kd_mean_weight: float = Field(1.0, ge=0)
     mean_kd_reduction: Literal["mean", "sum"] = Field("mean", description="average (1/(m-1)) or sum over the other mean teachers")
     rampup_ensemble: bool = Field(True, description="whether lambda also scales the ensemble->peer term")
+    mean_bn_stats: Literal["own", "ema"] = Field(
+        "own", description="BatchNorm statistics of the mean network: its own, from its train-mode forwards as the "
+                           "reproduction keeps them, or the temporal mean of the live network's")
 
 
 class TrainConfig(_Section):
@@ -109,15 +112,16 @@ class TrainConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU; CPU always runs fp32")
-    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on GPU and CPU")
     fused_optimizer: bool = Field(True, description="fused/foreach SGD where available")
     batched_views: bool = Field(True, description="all m views through the trunk as one batch")
     compile: bool = Field(False, description="torch.compile the training step")
-    compile_mode: str = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead and max-autotune add CUDA graphs on GPU")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm under torchrun")
     foreach_ema: bool = Field(True, description="temporal-mean update with foreach kernels (false: a Python loop per tensor)")
-    cpu_fast_path: bool = Field(False, description="on CPU too: bf16 autocast (precision != fp32) and channels_last; "
-                                                   "fast on CPUs with AMX/AVX512-BF16, off so CPU runs stay fp32")
+    cpu_fast_path: bool = Field(False, description="on CPU too: bf16 autocast (when precision != fp32); fast on "
+                                                   "CPUs with AMX/AVX512-BF16, off so CPU runs stay fp32")
     log_every: int = Field(50, ge=1, description="steps between progress updates (the only host syncs)")
     checkpoint_best: bool = True
 

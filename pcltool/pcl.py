@@ -54,6 +54,22 @@ def ema_update(mean_tensors: list[torch.Tensor], live_tensors: list[torch.Tensor
         torch._foreach_lerp_(mean_tensors, live_tensors, 1.0 - decay)
 
 
+def mean_bn_momentum(momentum: float, updates_per_step: int) -> float:
+    """BatchNorm momentum that gives the mean network's running statistics, updated once per step, the horizon
+    they have when updated ``updates_per_step`` = k times per step with ``momentum`` μ:
+
+        μ' = 1 − (1 − μ)^k
+
+    The reproduction runs the whole mean network once per view, so every BatchNorm layer takes k = m updates per
+    step; pcltool runs it once per step (each peer on its own view, the trunk on all views together). The
+    statistics follow weights that move with the temporal mean, fast early in training (α = 1 − 1/(step + 1)),
+    so a longer horizon leaves them describing older weights than the ones evaluated.
+    """
+    if updates_per_step < 1:
+        raise ValueError("updates_per_step must be >= 1")
+    return 1.0 - (1.0 - momentum) ** updates_per_step
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Temperature-scaled distillation, averaged over the batch (Hinton et al. 2015):
 

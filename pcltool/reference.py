@@ -158,6 +158,27 @@ class ReferenceTrainer:
         return torch.tensor([parts[k].item() for k in LOSS_PARTS])  # .item() every step, as the reproductions log
 
 
+    def train_epoch(self) -> dict:
+        """One epoch of :meth:`train_step` over the DataLoader; returns mean loss parts, seconds and images/s."""
+        import time
+
+        self.live.train()
+        self.mean.train()
+        sums = torch.zeros(len(LOSS_PARTS))
+        steps, images = 0, 0
+        start = time.perf_counter()
+        for i, (views, labels) in enumerate(self.epoch_batches()):
+            sums += self.train_step(views, labels, self.epoch + i / self.steps_per_epoch)
+            steps += 1
+            images += int(labels.shape[0])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        return {**dict(zip(LOSS_PARTS, (sums / max(steps, 1)).tolist())), "seconds": elapsed,
+                "images_per_s": images / max(elapsed, 1e-9)}
+
+
 def reference_losses(recipe: Recipe, data: DatasetBundle, device: torch.device, steps: int,
                      workers: int = 0) -> np.ndarray:
     """Loss parts of the first ``steps`` steps of the reference path, (steps, len(LOSS_PARTS))."""

@@ -9,7 +9,7 @@ batch (``train.batched_views``), channels_last (``train.channels_last``), bf16/f
 (``train.precision``), fused/foreach SGD (``train.fused_optimizer``), a foreach temporal-mean update
 (``train.foreach_ema``), loss parts summed on the device and read once per log interval, and optionally
 ``torch.compile`` of the forward + loss (``train.compile``, ``train.compile_mode``; ``"reduce-overhead"`` adds
-CUDA graphs). On CPU, precision and channels_last apply only with ``train.cpu_fast_path``.
+CUDA graphs). On CPU, reduced precision applies only with ``train.cpu_fast_path``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pcltool.errors import UsageError
 from pcltool.evaluate import evaluate_networks
 from pcltool.models import PCLNetwork
 from pcltool.optim import build_optimizer, build_scheduler
-from pcltool.pcl import PCLLossWeights, ema_decay, ema_update, pcl_loss, ramp_up
+from pcltool.pcl import PCLLossWeights, ema_decay, ema_update, mean_bn_momentum, pcl_loss, ramp_up
 
 LOSS_PARTS = ("total", "ce_peers", "ce_ensemble", "kd_ensemble", "kd_mean")
 
@@ -53,15 +53,23 @@ class DistributedContext:
 def build_networks(recipe: Recipe, num_classes: int, in_channels: int) -> tuple[PCLNetwork, PCLNetwork]:
     """The live PCL network and its temporal mean (a copy that receives no gradients).
 
-    BatchNorm in the mean network: its layers get momentum 0, so running the mean teachers in train mode
-    (batch statistics, as the reference implementation does) never changes its running statistics; those are the
-    temporal mean of the live network's, updated by :func:`pcltool.pcl.ema_update` like the weights."""
+    BatchNorm in the mean network (``pcl.mean_bn_stats``; the teachers always run in train mode, on batch
+    statistics, as the reference implementation does):
+
+    - ``"own"`` (default): the running statistics are the mean network's own, updated by those train-mode
+      forwards, so at evaluation they describe the averaged weights' activations, as in the reproduction. That
+      forward runs once per step where the reproduction's runs once per view, so the momentum is raised to
+      give the same horizon in steps (:func:`pcltool.pcl.mean_bn_momentum`; 0.1 -> 0.271 for m = 3);
+    - ``"ema"``: its layers get momentum 0, so the forwards leave them alone, and the statistics are the temporal
+      mean of the live network's, updated by :func:`pcltool.pcl.ema_update` like the weights. They then describe
+      other weights than the mean network's: on short runs its teachers score near chance (BENCHMARKS.md)."""
     live = PCLNetwork(recipe.model.backbone, num_classes, recipe.num_branches, in_channels,
                       ensemble=recipe.pcl.enabled, batched_views=recipe.train.batched_views)
     mean = copy.deepcopy(live)
     for module in mean.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = 0.0
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            own = mean_bn_momentum(module.momentum, recipe.num_branches)
+            module.momentum = 0.0 if recipe.pcl.mean_bn_stats == "ema" else own
     mean.requires_grad_(False)
     return live, mean
 
@@ -92,7 +100,15 @@ def autocast_dtype_for(cfg, device: torch.device) -> torch.dtype | None:
 
 
 def uses_channels_last(cfg, device: torch.device) -> bool:
-    return cfg.channels_last and (device.type == "cuda" or (device.type == "cpu" and cfg.cpu_fast_path))
+    """``train.channels_last`` on every device: the same fp32 arithmetic in NHWC order, which cuDNN and oneDNN
+    both run faster for these convolutions (CPU, ResNet-32, m = 3, batch 128: 1.7x on forward + backward)."""
+    return cfg.channels_last
+
+
+def uses_cuda_graphs(compile_mode: str) -> bool:
+    """Whether ``torch.compile(mode=...)`` records CUDA graphs: ``reduce-overhead`` and ``max-autotune`` do,
+    ``default`` and ``max-autotune-no-cudagraphs`` do not."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
 
 
 def _sync(device: torch.device) -> float:
@@ -151,13 +167,17 @@ class PCLTrainer:
         self.compiled = cfg.compile
         self.compile_seconds: float | None = None  # first compiled forward + backward (compile + one step)
         self._forward_fn = self._forward_loss
+        self._cuda_graphs = cfg.compile and device.type == "cuda" and uses_cuda_graphs(cfg.compile_mode)
         if cfg.compile:
             self._forward_fn = torch.compile(self._forward_loss, mode=cfg.compile_mode)
 
     # --- the method ---------------------------------------------------------------------------------------------
     def _collect_ema_tensors(self):
-        live_state = self.live.state_dict(keep_vars=True)
-        mean_state = self.mean.state_dict(keep_vars=True)
+        """(mean floats, live floats, mean ints, live ints) that :meth:`update_mean` averages or copies: the
+        parameters, plus the BatchNorm buffers when ``pcl.mean_bn_stats = "ema"``."""
+        with_buffers = self.recipe.pcl.mean_bn_stats == "ema"
+        live_state = self.live.state_dict(keep_vars=True) if with_buffers else dict(self.live.named_parameters())
+        mean_state = self.mean.state_dict(keep_vars=True) if with_buffers else dict(self.mean.named_parameters())
         floats_live, floats_mean, ints_live, ints_mean = [], [], [], []
         for key, mean_t in mean_state.items():
             live_t = live_state[key]
@@ -209,6 +229,10 @@ class PCLTrainer:
         self._rampup.fill_(ramp_up(epoch_float, self.recipe.pcl.rampup_epochs))
         timing = self.compiled and self.compile_seconds is None
         views = self._views(images)
+        if self._cuda_graphs:
+            # a new iteration: lets the graphs reuse the previous step's output memory (its loss parts have
+            # already been added to the caller's running sums)
+            torch.compiler.cudagraph_mark_step_begin()
         start = _sync(self.device) if timing else 0.0
         total, parts = self._forward_fn(views, labels, self._rampup)
         self.optimizer.zero_grad(set_to_none=True)
@@ -290,7 +314,8 @@ class PCLTrainer:
         """Make every rank hold rank 0's BatchNorm statistics, live and mean.
 
         DDP broadcasts the live buffers before each forward, but the forward then updates them from the rank's
-        own shard, and the temporal mean averages those; the weights themselves never differ across ranks."""
+        own shard, and the mean network's come from its forwards on that shard (or average the live ones); the
+        weights themselves never differ across ranks."""
         for net in (self.live, self.mean):
             for buf in net.buffers():
                 dist.broadcast(buf, src=0)

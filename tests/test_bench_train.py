@@ -30,14 +30,14 @@ def test_plan_lists_a_b_and_every_piece_with_reasons_for_what_cannot_apply():
     plan = _plan(["device=cpu"])
     assert list(plan)[:2] == ["pcltool", "reference"] and len(plan) == 2 + len(PIECES)
     assert "host memory" in plan["without data on device"].skipped
-    assert "cpu_fast_path" in plan["without channels_last"].skipped
     assert "cpu_fast_path" in plan["without bf16 autocast"].skipped
-    for name in ("without batched views", "without fused optimizer", "without foreach EMA", "with compile"):
+    for name in ("without batched views", "without channels_last", "without fused optimizer",
+                 "without foreach EMA", "with compile"):
         assert plan[name].skipped is None, name
     assert plan["with compile"].overrides == ("train.compile=true",)
 
     fast = _plan(["device=cpu", "train.cpu_fast_path=true", "train.compile=true"], skip=("foreach_ema",))
-    assert fast["without channels_last"].skipped is None
+    assert _plan(["device=cpu", "train.channels_last=false"])["without channels_last"].skipped == "off in the recipe"
     assert fast["without bf16 autocast"].overrides == ("train.precision=fp32",)
     assert fast["without compile"].overrides == ("train.compile=false",)
     assert fast["without foreach EMA"].skipped == "--skip"
@@ -54,7 +54,7 @@ def test_bench_train_cli_writes_report(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, [
         "bench-train", str(QUICKSTART), "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
-        "--skip", "compile", "--skip", "batched_views", "--set", "train.batch_size=32", "--out", str(out)])
+        "--skip", "compile", "--skip", "batched_views", "--skip", "channels_last", "--set", "train.batch_size=32", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "(a)/(b)" in result.output
     report = json.loads(out.read_text())
@@ -68,3 +68,29 @@ def test_bench_train_cli_writes_report(tmp_path):
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["peak_memory_mb"] is None and r["compile_s"] is None
         assert r["mean_loss"] == pytest.approx(r["mean_loss"]) and 0 < r["mean_loss"] < 100  # finite, sane
     assert rows["with compile"]["skipped"] == "--skip"
+
+
+def test_accuracy_parity_trains_both_paths_to_the_end_and_scores_every_branch(tmp_path):
+    """``--accuracy``: (a) and (b) each train the whole (shortened) schedule, then every branch is scored."""
+    out = tmp_path / "acc.json"
+    result = CliRunner().invoke(app, [
+        "bench-train", str(QUICKSTART), "--accuracy", "--device", "cpu", "--threads", "1", "--workers", "1",
+        "--set", "train.epochs=2", "--set", "pcl.rampup_epochs=1", "--set", "model.backbone=resnet20",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "deployed mean teacher, test top-1" in result.output
+    report = json.loads(out.read_text())
+    a, b = report["paths"]["pcltool"], report["paths"]["reference"]
+    names = {"peer1", "peer2", "peer3", "mean1", "mean2", "mean3", "ensemble", "mean-ensemble"}
+    for path in (a, b):
+        assert [e["epoch"] for e in path["epochs"]] == [1, 2]  # the whole schedule, not a few steps
+        assert set(path["test_top1"]) == set(path["val_top1"]) == names
+        assert path["chosen_mean_teacher"] in {"mean1", "mean2", "mean3"}
+        chosen = path["chosen_mean_teacher"]
+        assert path["val_top1"][chosen] == max(path["val_top1"][f"mean{j}"] for j in (1, 2, 3))
+        assert path["chosen_test_top1"] == path["test_top1"][chosen]
+        assert path["test_top1"]["ensemble"] > 30  # both learned (10 classes: chance is 10 %)
+    assert report["test_images"] == 359 and report["finite"]  # the whole test split
+    for name in names:
+        assert report["test_top1_a_minus_b"][name] == pytest.approx(a["test_top1"][name] - b["test_top1"][name])
+    assert report["chosen_test_top1_a_minus_b"] == pytest.approx(a["chosen_test_top1"] - b["chosen_test_top1"])

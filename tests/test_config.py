@@ -45,6 +45,7 @@ def test_overrides_are_typed():
     ("data.dataset=mnist", "data.dataset"),
     ("bogus=1", "bogus: unknown key; allowed here: name"),
     ("train.milestones=[200, 100]", "milestones"),
+    ("train.compile_mode=reduce_overhead", "'reduce-overhead'"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(RecipeError) as err:

@@ -43,11 +43,15 @@ def fast_losses(recipe, data, steps: int = STEPS) -> np.ndarray:
 
 
 @pytest.mark.parametrize("switches, tolerance", [
-    # batched views: with identical views the joint BatchNorm statistics equal the per-view ones in exact
-    # arithmetic; in float32 the sums over 3N instead of N images round differently, and four SGD steps at
-    # lr 0.1 carry that to ~5e-5 (seen with torch 2.14), so this case gets 2e-4
-    ([], 2e-4),
-    (["train.batched_views=false", "train.foreach_ema=false", "train.fused_optimizer=false"], 1e-5),  # as the reference
+    # the fast path (batched views, channels_last): with identical views the joint BatchNorm statistics equal
+    # the per-view ones and NHWC convolutions compute the same sums, in exact arithmetic; in float32 they round
+    # differently, and each SGD step at lr 0.1 on this small model multiplies such differences by about ten
+    # (1e-7 after step 1, 9e-4 after step 4 with torch 2.14), so this case gets 2e-3 over four steps. A
+    # different method differs by well over 1e-2 (test_a_different_method_does_not_match).
+    ([], 2e-3),
+    # the reference's own loops and layout: the same arithmetic, equal to rounding
+    (["train.batched_views=false", "train.channels_last=false", "train.foreach_ema=false",
+      "train.fused_optimizer=false"], 1e-5),
 ], ids=["fast-path", "per-view-loops"])
 def test_fp32_losses_match_reference_step_for_step(data, switches, tolerance):
     recipe = load_recipe(QUICKSTART, BASE + switches)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcltool.pcl import PCLLossWeights, ema_decay, ema_update, kd_loss, pcl_loss, peer_disagreement, ramp_up
+from pcltool.pcl import (PCLLossWeights, ema_decay, ema_update, kd_loss, mean_bn_momentum, pcl_loss,
+                        peer_disagreement, ramp_up)
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -60,6 +61,20 @@ def _np_kd(s, t, T):
 
 def _np_ce(z, y):
     return -np.mean(_np_log_softmax(z)[np.arange(len(y)), y])
+
+
+def test_mean_bn_momentum_gives_the_horizon_of_k_updates():
+    assert mean_bn_momentum(0.1, 1) == pytest.approx(0.1)
+    assert mean_bn_momentum(0.1, 3) == pytest.approx(0.271)  # 1 - 0.9^3
+    # one update with the raised momentum leaves what k updates with the original one leave of the old value
+    old, new = torch.tensor(5.0), torch.tensor(1.0)
+    k_times = old.clone()
+    for _ in range(4):
+        k_times = (1 - 0.1) * k_times + 0.1 * new
+    once = (1 - mean_bn_momentum(0.1, 4)) * old + mean_bn_momentum(0.1, 4) * new
+    assert once.item() == pytest.approx(k_times.item(), rel=1e-6)
+    with pytest.raises(ValueError):
+        mean_bn_momentum(0.1, 0)
 
 
 def test_kd_loss_hand_value():

@@ -130,3 +130,45 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     state = torch.load(run.verify(rec["outputs"]["checkpoint"], "ckpt"), weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["live"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("stats", ["own", "ema"])
+def test_mean_network_batchnorm_statistics(stats):
+    """``own``: the mean network's running statistics come from its own forwards (momentum raised for one
+    update per step instead of m), and the temporal-mean update leaves them alone; ``ema``: momentum 0, and
+    they are the temporal mean of the live network's."""
+    from pcltool.data import load_dataset
+    from pcltool.trainer import PCLTrainer
+
+    recipe = load_recipe(QUICKSTART, ["device=cpu", "model.backbone=resnet20", f"pcl.mean_bn_stats={stats}"])
+    trainer = PCLTrainer(recipe, load_dataset(recipe.data), torch.device("cpu"))
+    bn = trainer.mean.trunk[0][1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    assert bn.momentum == pytest.approx(0.271 if stats == "own" else 0.0)
+    live_bn = trainer.live.trunk[0][1]
+    assert live_bn.momentum == pytest.approx(0.1)
+    images, labels = next(trainer.epoch_batches())
+    before = bn.running_var.clone()
+    trainer.train_step(images, labels, 0.0)
+    if stats == "own":  # first step: alpha = 0 copies the live parameters, not the buffers
+        assert not torch.equal(bn.running_var, before) and not torch.equal(bn.running_var, live_bn.running_var)
+    else:
+        torch.testing.assert_close(bn.running_var, live_bn.running_var)
+
+
+def test_mean_teachers_of_a_short_run_are_not_left_at_chance():
+    """Two epochs (42 steps): the temporal mean moves fast (alpha = 1 - 1/(step + 1)), and BatchNorm statistics
+    that lag behind it left every mean teacher near chance (10 %) while the peers reached 40-60 %."""
+    from pcltool.data import load_dataset
+    from pcltool.trainer import PCLTrainer
+
+    recipe = load_recipe(QUICKSTART, ["device=cpu", "train.epochs=2", "pcl.rampup_epochs=1"])
+    data = load_dataset(recipe.data)
+    trainer = PCLTrainer(recipe, data, torch.device("cpu"))
+    for _ in range(2):
+        trainer.train_epoch()
+    top1 = trainer.evaluate(data.val)["top1"]
+    best_peer = max(top1[f"peer{j}"] for j in (1, 2, 3))
+    best_mean = max(top1[f"mean{j}"] for j in (1, 2, 3))
+    assert best_peer > 30
+    assert best_mean > 0.6 * best_peer, top1

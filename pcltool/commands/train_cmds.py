@@ -23,10 +23,12 @@ def bench_train(
     repeat: Annotated[int, typer.Option("--repeat", help="run all variants N times in alternating order; keep each one's fastest")] = 1,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers of the reference path (default: one per CPU core)")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch ops (default: PyTorch's choice)")] = None,
+    accuracy: Annotated[bool, typer.Option("--accuracy", help="instead of timing steps, train (a) and (b) for the recipe's whole schedule (shorten it with --set train.epochs=N) and compare every branch's validation and test top-1")] = False,
 ):
     """Measure training speed: (a) pcltool's path, (b) the reference path built like the public reproductions,
     and (a) with each fast-path piece switched off in turn. Prints a table (images/s, step time, peak GPU memory,
-    (a)/(b)) and writes a JSON report."""
+    (a)/(b)) and writes a JSON report. With --accuracy: train both paths to the end of the schedule and compare
+    their accuracy."""
     from pcltool.config import load_recipe
     from pcltool.data import load_dataset
     from pcltool.stages.bench_train import report_table, run_bench_train, write_report
@@ -41,6 +43,23 @@ def bench_train(
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
     console = _console()
+    if accuracy:
+        from pcltool.stages.train_parity import accuracy_table, run_accuracy_parity
+
+        report = run_accuracy_parity(cfg, data, dev, workers=workers, progress=console.print)
+        console.print(accuracy_table(report))
+        console.print(f"deployed mean teacher, test top-1: (a) {report['paths']['pcltool']['chosen_test_top1']:.2f} "
+                      f"vs (b) {report['paths']['reference']['chosen_test_top1']:.2f} "
+                      f"({report['chosen_test_top1_a_minus_b']:+.2f} points); wall (b)/(a) = "
+                      f"{report['speedup_a_over_b_wall']:.2f}x")
+        path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-accuracy-{cfg.name}.json"
+        write_report(report, path)
+        console.print(f"report: {path}")
+        if not report["finite"]:
+            _console(stderr=True).print("error: a path's training loss became NaN or infinite; its accuracy "
+                                        "means nothing (lower train.lr, or use train.precision=fp32)")
+            raise typer.Exit(code=1)
+        return
     report = run_bench_train(cfg, data, dev, steps=steps, warmup=warmup, skip=tuple(skip), repeat=repeat,
                              workers=workers, progress=lambda v: console.print(f"measuring {v.name} ..."))
     console.print(report_table(report))

@@ -145,13 +145,16 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
                 stats = trainer.train_epoch(on_log)
                 if not math.isfinite(stats["total"]):
                     raise TrainingDivergedError(_diverged_message(trainer.epoch, trainer.step, run))
+                val_start = time.perf_counter()
                 val = trainer.evaluate(data.val)
+                val_seconds = time.perf_counter() - val_start
                 reporter.epoch_done(trainer.epoch, stats, val)
                 if run is None:
                     continue
                 log.write({"kind": "val", "epoch": trainer.epoch, "step": trainer.step, "top1": val["top1"],
                            "disagreement": val["disagreement"], "train_images_per_s": stats["images_per_s"],
-                           "epoch_seconds": stats["seconds"]})
+                           "epoch_seconds": stats["seconds"], "val_seconds": val_seconds,
+                           **({"compile_seconds": stats["compile_seconds"]} if "compile_seconds" in stats else {})})
                 outputs = {}
                 score = best_single_branch(val)
                 checkpoint = trainer.state_dict()
