@@ -29,10 +29,14 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule: str, miles
 
 
 def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with (Nesterov) momentum; fused kernels on CUDA, foreach (multi-tensor) kernels elsewhere."""
+    """SGD with (Nesterov) momentum; fused kernels on CUDA, foreach (multi-tensor) kernels elsewhere.
+
+    fp16 (with the gradient scaler) takes the foreach kernels on CUDA too: the fused kernel allocates its
+    momentum buffers uninitialised on the first step and, when the scaler finds an overflow on that step (likely
+    at the initial scale of 2^16), returns without writing them, so the next step would read garbage."""
     kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                   weight_decay=cfg.weight_decay)
-    if cfg.fused_optimizer and device.type == "cuda":
+    if cfg.fused_optimizer and device.type == "cuda" and cfg.precision != "fp16":
         kwargs["fused"] = True
     elif cfg.fused_optimizer:
         kwargs["foreach"] = True

@@ -169,7 +169,9 @@ class PCLTrainer:
         self._forward_fn = self._forward_loss
         self._cuda_graphs = cfg.compile and device.type == "cuda" and uses_cuda_graphs(cfg.compile_mode)
         if cfg.compile:
-            self._forward_fn = torch.compile(self._forward_loss, mode=cfg.compile_mode)
+            # dynamic=False: one static graph per batch shape (the full batch, and the epoch's shorter last
+            # one) rather than a dynamic-shape graph that every full batch would then run
+            self._forward_fn = torch.compile(self._forward_loss, mode=cfg.compile_mode, dynamic=False)
 
     # --- the method ---------------------------------------------------------------------------------------------
     def _collect_ema_tensors(self):

@@ -172,3 +172,16 @@ def test_mean_teachers_of_a_short_run_are_not_left_at_chance():
     best_mean = max(top1[f"mean{j}"] for j in (1, 2, 3))
     assert best_peer > 30
     assert best_mean > 0.6 * best_peer, top1
+
+
+def test_fp16_never_gets_the_fused_optimizer():
+    """With the gradient scaler, a first step that overflows leaves the fused kernel's momentum uninitialised."""
+    from pcltool.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cuda = torch.device("cuda", 0)  # only the choice is checked here: no step runs
+    fp16 = load_recipe(QUICKSTART, ["train.precision=fp16"]).train
+    opt = build_optimizer(params, fp16, cuda)
+    assert not opt.defaults.get("fused") and opt.defaults.get("foreach")
+    bf16 = load_recipe(QUICKSTART, ["train.precision=bf16", "train.fused_optimizer=false"]).train
+    assert not build_optimizer(params, bf16, cuda).defaults.get("fused")

@@ -57,7 +57,11 @@ class TensorSplit(ImageSplit):
     def batches(self, batch_size, device, shuffle=False, generator=None, drop_last=False, shard=(0, 1),
                 even_shards=False):
         resident = self.on(device)
-        order = epoch_order(len(self), shuffle, generator, shard, even_shards).to(resident.images.device)
+        order = epoch_order(len(self), shuffle, generator, shard, even_shards)
+        if resident.images.device.type == "cuda":  # from pinned memory: the copy does not wait for the GPU
+            order = order.pin_memory().to(resident.images.device, non_blocking=True)
+        else:
+            order = order.to(resident.images.device)
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             idx = order[start : start + batch_size]
