@@ -38,6 +38,8 @@ def test_plan_lists_a_b_and_every_piece_with_reasons_for_what_cannot_apply():
 
     fast = _plan(["device=cpu", "train.cpu_fast_path=true", "train.compile=true"], skip=("foreach_ema",))
     assert _plan(["device=cpu", "train.channels_last=false"])["without channels_last"].skipped == "off in the recipe"
+    per_view = _plan(["device=cpu", "train.batched_views=false"])
+    assert per_view["with batched views"].overrides == ("train.batched_views=true",)
     assert fast["without bf16 autocast"].overrides == ("train.precision=fp32",)
     assert fast["without compile"].overrides == ("train.compile=false",)
     assert fast["without foreach EMA"].skipped == "--skip"
@@ -94,3 +96,12 @@ def test_accuracy_parity_trains_both_paths_to_the_end_and_scores_every_branch(tm
     for name in names:
         assert report["test_top1_a_minus_b"][name] == pytest.approx(a["test_top1"][name] - b["test_top1"][name])
     assert report["chosen_test_top1_a_minus_b"] == pytest.approx(a["chosen_test_top1"] - b["chosen_test_top1"])
+
+
+def test_a_batch_larger_than_the_data_is_refused_not_looped_on(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench-train", str(QUICKSTART), "--device", "cpu", "--steps", "1",
+                                      "--set", "train.batch_size=4096", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "larger than the training split" in result.output
+    assert not out.exists()

@@ -2,8 +2,8 @@
 
 Measured on the same machine, model and batch: (a) pcltool's path as the recipe configures it, (b) the reference
 path of :mod:`pcltool.reference` (PIL views in DataLoader workers, fp32, per-view trunk calls, per-view mean
-forwards, Python EMA loop), and (a) with each fast-path piece switched off in turn (compile: switched on when the
-recipe leaves it off). A piece that has no effect on the device (e.g. the device-resident dataset on CPU) is
+forwards, Python EMA loop), and (a) with each fast-path piece switched off in turn (compile and batched views:
+switched on when the recipe leaves them off). A piece that has no effect on the device (e.g. the device-resident dataset on CPU) is
 listed with the reason and not run.
 
 Every variant builds its own trainer, runs ``warmup`` steps (the first one timed apart: it holds compilation and
@@ -54,7 +54,7 @@ def plan_variants(recipe: Recipe, device: torch.device, skip: tuple[str, ...] = 
     off = "off in the recipe"
     off_reason = {
         "data_on_device": "n/a on CPU (host memory)" if device.type == "cpu" else None if d.on_device else off,
-        "batched_views": None if t.batched_views else off,
+        "batched_views": None,
         "channels_last": None if uses_channels_last(t, device) else off,
         "autocast": None if autocast_dtype_for(t, device) is not None else (cpu_note if t.precision != "fp32" else off),
         "fused_optimizer": None if t.fused_optimizer else off,
@@ -65,7 +65,10 @@ def plan_variants(recipe: Recipe, device: torch.device, skip: tuple[str, ...] = 
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, t.precision)
     described = {
         "data_on_device": ("without data on device", "host-resident uint8 split, each batch copied", "data.on_device=false"),
-        "batched_views": ("without batched views", "one trunk call per view", "train.batched_views=false"),
+        "batched_views": (("without batched views", "one trunk call per view", "train.batched_views=false")
+                          if t.batched_views else
+                          ("with batched views", "the m views through the trunk as one batch",
+                           "train.batched_views=true")),
         "channels_last": ("without channels_last", "NCHW tensors", "train.channels_last=false"),
         "autocast": (f"without {precision} autocast", "fp32", "train.precision=fp32"),
         "fused_optimizer": ("without fused optimizer", "for-loop SGD", "train.fused_optimizer=false"),
@@ -93,11 +96,19 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _stream(trainer):
-    """Endless ``(batch, epoch_float)`` from the trainer's own data pipeline, epoch after epoch."""
+def _stream(trainer, batch_size: int):
+    """Endless ``(batch, epoch_float)`` from the trainer's own data pipeline, epoch after epoch. Only full
+    batches: an epoch's shorter last batch would time a recompilation (``train.compile``) as a step."""
     while True:
+        full = 0
         for i, batch in enumerate(trainer.epoch_batches()):
-            yield batch, trainer.epoch + i / trainer.steps_per_epoch
+            if batch[1].shape[0] == batch_size:
+                full += 1
+                yield batch, trainer.epoch + i / trainer.steps_per_epoch
+        if not full:
+            from pcltool.errors import UsageError
+
+            raise UsageError(f"train.batch_size={batch_size} is larger than the training split; lower it")
         trainer.epoch += 1
 
 
@@ -117,7 +128,7 @@ def measure(variant: Variant, recipe: Recipe, data, device: torch.device, steps:
         trainer = PCLTrainer(cfg, data, device)
         trainer.live.train()
         trainer.mean.train()
-    stream = _stream(trainer)
+    stream = _stream(trainer, cfg.train.batch_size)
     start = _sync(device)
     for i in range(max(warmup, 1)):
         (images_or_views, labels), epoch_float = next(stream)
