@@ -237,6 +237,8 @@ class PCLTrainer:
             torch.compiler.cudagraph_mark_step_begin()
         start = _sync(self.device) if timing else 0.0
         total, parts = self._forward_fn(views, labels, self._rampup)
+        # set_to_none: under CUDA graphs the previous step's gradients live in graph memory that the step mark
+        # above has released; they must be dropped, never zeroed in place or read
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if timing:
