@@ -26,7 +26,7 @@ from pcltool.config import Recipe
 from pcltool.data.splits import DatasetBundle, TensorSplit, epoch_order
 from pcltool.optim import build_scheduler
 from pcltool.pcl import ema_decay, pcl_loss, ramp_up
-from pcltool.trainer import LOSS_PARTS, build_networks, loss_weights, shuffle_seed
+from pcltool.trainer import LOSS_PARTS, build_networks, loss_weights, runs_mean_teachers, shuffle_seed
 
 
 def pil_transform(recipe: Recipe, data: DatasetBundle):
@@ -112,7 +112,7 @@ class ReferenceTrainer:
         self.mean.to(device).train()
         self.num_views = recipe.num_branches
         self.weights = loss_weights(recipe)
-        self.use_mean_teachers = self.weights.kd_mean and self.num_views > 1
+        self.use_mean_teachers = runs_mean_teachers(recipe)
         self.optimizer = torch.optim.SGD(self.live.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         self.dataset = MultiViewImageDataset(data.train, pil_transform(recipe, data), self.num_views)
@@ -154,6 +154,12 @@ class ReferenceTrainer:
         with torch.no_grad():
             for mean_p, live_p in zip(self.mean.parameters(), self.live.parameters()):
                 mean_p.mul_(alpha).add_(live_p, alpha=1.0 - alpha)
+            if not self.use_mean_teachers:  # never run, so its BatchNorm statistics follow the live network's
+                for mean_b, live_b in zip(self.mean.buffers(), self.live.buffers()):
+                    if mean_b.is_floating_point():
+                        mean_b.mul_(alpha).add_(live_b, alpha=1.0 - alpha)
+                    else:
+                        mean_b.copy_(live_b)
         self.step += 1
         return torch.tensor([parts[k].item() for k in LOSS_PARTS])  # .item() every step, as the reproductions log
 

@@ -50,6 +50,18 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def runs_mean_teachers(recipe: Recipe) -> bool:
+    """Whether training runs the mean network forward (its peers teach the live ones): PCL with the
+    mean-teacher term and m > 1. The plain baseline and ``pcl.kd_mean = false`` never run it."""
+    return recipe.pcl.enabled and recipe.pcl.kd_mean and recipe.num_branches > 1
+
+
+def mean_bn_statistics(recipe: Recipe) -> str:
+    """``pcl.mean_bn_stats`` as it applies: ``"own"`` needs the mean network's forwards, so where training never
+    runs them its statistics follow the live network's by the temporal mean (``"ema"``)."""
+    return recipe.pcl.mean_bn_stats if runs_mean_teachers(recipe) else "ema"
+
+
 def build_networks(recipe: Recipe, num_classes: int, in_channels: int) -> tuple[PCLNetwork, PCLNetwork]:
     """The live PCL network and its temporal mean (a copy that receives no gradients).
 
@@ -62,14 +74,15 @@ def build_networks(recipe: Recipe, num_classes: int, in_channels: int) -> tuple[
       give the same horizon in steps (:func:`pcltool.pcl.mean_bn_momentum`; 0.1 -> 0.271 for m = 3);
     - ``"ema"``: its layers get momentum 0, so the forwards leave them alone, and the statistics are the temporal
       mean of the live network's, updated by :func:`pcltool.pcl.ema_update` like the weights. They then describe
-      other weights than the mean network's: on short runs its teachers score near chance (BENCHMARKS.md)."""
+      other weights than the mean network's: on short runs its teachers score near chance (BENCHMARKS.md).
+      Also what applies where training never runs the mean network (:func:`mean_bn_statistics`)."""
     live = PCLNetwork(recipe.model.backbone, num_classes, recipe.num_branches, in_channels,
                       ensemble=recipe.pcl.enabled, batched_views=recipe.train.batched_views)
     mean = copy.deepcopy(live)
     for module in mean.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
             own = mean_bn_momentum(module.momentum, recipe.num_branches)
-            module.momentum = 0.0 if recipe.pcl.mean_bn_stats == "ema" else own
+            module.momentum = 0.0 if mean_bn_statistics(recipe) == "ema" else own
     mean.requires_grad_(False)
     return live, mean
 
@@ -159,7 +172,7 @@ class PCLTrainer:
         self.augment_gen = torch.Generator(device=device)
         self.view_maker = ViewMaker.from_config(recipe.data, data, device)
         self.weights = loss_weights(recipe)
-        self.use_mean_teachers = self.weights.kd_mean and recipe.num_branches > 1
+        self.use_mean_teachers = runs_mean_teachers(recipe)
         self._ema_pairs = self._collect_ema_tensors()
         self._rampup = torch.zeros((), device=device)
         self.epoch = 0  # completed epochs
@@ -176,8 +189,8 @@ class PCLTrainer:
     # --- the method ---------------------------------------------------------------------------------------------
     def _collect_ema_tensors(self):
         """(mean floats, live floats, mean ints, live ints) that :meth:`update_mean` averages or copies: the
-        parameters, plus the BatchNorm buffers when ``pcl.mean_bn_stats = "ema"``."""
-        with_buffers = self.recipe.pcl.mean_bn_stats == "ema"
+        parameters, plus the BatchNorm buffers where :func:`mean_bn_statistics` is ``"ema"``."""
+        with_buffers = mean_bn_statistics(self.recipe) == "ema"
         live_state = self.live.state_dict(keep_vars=True) if with_buffers else dict(self.live.named_parameters())
         mean_state = self.mean.state_dict(keep_vars=True) if with_buffers else dict(self.mean.named_parameters())
         floats_live, floats_mean, ints_live, ints_mean = [], [], [], []

@@ -132,25 +132,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["live"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("stats", ["own", "ema"])
-def test_mean_network_batchnorm_statistics(stats):
+@pytest.mark.parametrize("stats, extra, applied", [
+    ("own", [], "own"),
+    ("ema", [], "ema"),
+    ("own", ["pcl.enabled=false"], "ema"),  # the plain baseline never runs its mean network
+    ("own", ["pcl.kd_mean=false"], "ema"),
+], ids=["own", "ema", "baseline", "no-mean-teachers"])
+def test_mean_network_batchnorm_statistics(stats, extra, applied):
     """``own``: the mean network's running statistics come from its own forwards (momentum raised for one
-    update per step instead of m), and the temporal-mean update leaves them alone; ``ema``: momentum 0, and
-    they are the temporal mean of the live network's."""
+    update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
+    training never runs the mean network): momentum 0, and they are the temporal mean of the live network's."""
     from pcltool.data import load_dataset
+    from pcltool.reference import ReferenceTrainer
     from pcltool.trainer import PCLTrainer
 
-    recipe = load_recipe(QUICKSTART, ["device=cpu", "model.backbone=resnet20", f"pcl.mean_bn_stats={stats}"])
-    trainer = PCLTrainer(recipe, load_dataset(recipe.data), torch.device("cpu"))
+    recipe = load_recipe(QUICKSTART, ["device=cpu", "model.backbone=resnet20", f"pcl.mean_bn_stats={stats}",
+                                      *extra])
+    data = load_dataset(recipe.data)
+    trainer = PCLTrainer(recipe, data, torch.device("cpu"))
     bn = trainer.mean.trunk[0][1]
     assert isinstance(bn, torch.nn.BatchNorm2d)
-    assert bn.momentum == pytest.approx(0.271 if stats == "own" else 0.0)
+    assert bn.momentum == pytest.approx(0.271 if applied == "own" else 0.0)
+    if extra:  # the reference path's mean network likewise follows the live statistics when never run
+        ref = ReferenceTrainer(recipe, data, torch.device("cpu"), workers=0)
+        views, labels = next(ref.epoch_batches())
+        ref.train_step(views, labels, 0.0)
+        torch.testing.assert_close(ref.mean.trunk[0][1].running_var, ref.live.trunk[0][1].running_var)
     live_bn = trainer.live.trunk[0][1]
     assert live_bn.momentum == pytest.approx(0.1)
     images, labels = next(trainer.epoch_batches())
     before = bn.running_var.clone()
     trainer.train_step(images, labels, 0.0)
-    if stats == "own":  # first step: alpha = 0 copies the live parameters, not the buffers
+    if applied == "own":  # first step: alpha = 0 copies the live parameters, not the buffers
         assert not torch.equal(bn.running_var, before) and not torch.equal(bn.running_var, live_bn.running_var)
     else:
         torch.testing.assert_close(bn.running_var, live_bn.running_var)
