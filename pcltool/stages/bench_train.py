@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pcltool.config import Recipe, apply_overrides, recipe_from_dict
-from pcltool.trainer import PCLTrainer, autocast_dtype_for, uses_channels_last
+from pcltool.trainer import PCLTrainer, autocast_dtype_for
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def plan_variants(recipe: Recipe, device: torch.device, skip: tuple[str, ...] = 
     off_reason = {
         "data_on_device": "n/a on CPU (host memory)" if device.type == "cpu" else None if d.on_device else off,
         "batched_views": None,
-        "channels_last": None if uses_channels_last(t, device) else off,
+        "channels_last": None if t.channels_last else off,
         "autocast": None if autocast_dtype_for(t, device) is not None else (cpu_note if t.precision != "fp32" else off),
         "fused_optimizer": None if t.fused_optimizer else off,
         "foreach_ema": None if t.foreach_ema else off,

@@ -182,7 +182,8 @@ def _kind(name: str) -> str:
         name, "peer" if name.startswith("peer") else "mean teacher")
 
 
-def _rank(top1: dict, top5: dict, order: list[str]) -> list[str]:
+def rank_candidates(top1: dict, top5: dict, order: list[str]) -> list[str]:
+    """Best first: top-1, then top-5, then the order given (validation scores)."""
     return sorted(order, key=lambda n: (-top1[n], -top5[n], order.index(n)))
 
 
@@ -209,7 +210,7 @@ def run_select(run: RunDir, checkpoint: str = "last", split: str = "val", consol
             val = evaluate_networks(loaded.live, loaded.mean, data.val, loaded.view_maker, loaded.device,
                                     batch_size=EVAL_BATCH)
             names = list(val["top1"])
-            ranked = _rank(val["top1"], val["top5"], names)
+            ranked = rank_candidates(val["top1"], val["top5"], names)
             policies = choose(ranked)
             # Only now, with the choice made, the test split is scored for the report.
             test = evaluate_networks(loaded.live, loaded.mean, data.test, loaded.view_maker, loaded.device,

@@ -19,11 +19,7 @@ import torch
 from pcltool.config import Recipe
 from pcltool.data.augment import ViewMaker
 from pcltool.evaluate import evaluate_networks
-
-
-def _best_mean_teacher(val_top1: dict[str, float]) -> str:
-    means = {k: v for k, v in val_top1.items() if k.startswith("mean") and k != "mean-ensemble"}
-    return max(means, key=lambda k: (means[k], -int(k.removeprefix("mean"))))
+from pcltool.stages.select import choose, rank_candidates
 
 
 def _train(trainer, epochs: int, progress=None, label: str = "") -> tuple[float, list[dict]]:
@@ -44,7 +40,8 @@ def _train(trainer, epochs: int, progress=None, label: str = "") -> tuple[float,
 def _score(live, mean, data, view_maker, device, autocast_dtype) -> dict:
     val = evaluate_networks(live, mean, data.val, view_maker, device, autocast_dtype=autocast_dtype)
     test = evaluate_networks(live, mean, data.test, view_maker, device, autocast_dtype=autocast_dtype)
-    chosen = _best_mean_teacher(val["top1"]) if any(k.startswith("mean") for k in val["top1"]) else "peer1"
+    # the candidate `pcltool select` names for the `mean` policy, by the same ranking
+    chosen = choose(rank_candidates(val["top1"], val["top5"], list(val["top1"])))["mean"]
     return {"val_top1": val["top1"], "test_top1": test["top1"], "chosen_mean_teacher": chosen,
             "chosen_test_top1": test["top1"][chosen]}
 
