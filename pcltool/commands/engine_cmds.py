@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.cli import Device, RunArg, RunsDirOpt, _console, _open_run, app, deploy_app, handle_errors
+from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, handle_errors, open_run
 
 PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candidate to use (default: the run's only "
                                                                  "export), e.g. mean2")]
@@ -21,7 +21,6 @@ MaxDropOpt = Annotated[float, typer.Option("--max-top1-drop", help="fail a reduc
 CalibOpt = Annotated[int, typer.Option("--calib-images", help="int8: training images to calibrate on")]
 
 
-@app.command()
 @handle_errors
 def build(
     run: RunArg = None,
@@ -47,11 +46,10 @@ def build(
     and record it (engines/<candidate>.<engine>-<precision>.*)."""
     from pcltool.stages.build import run_build
 
-    run_build(_open_run(run, runs_dir), engine, precision, peer, batch, calib_images, calib_method, max_top1_drop,
-              threads, hardware_compat, trt_flags, workspace_gib, console=_console())
+    run_build(open_run(run, runs_dir), engine, precision, peer, batch, calib_images, calib_method, max_top1_drop,
+              threads, hardware_compat, trt_flags, workspace_gib, console=console())
 
 
-@app.command()
 @handle_errors
 def bench(
     run: RunArg = None,
@@ -67,16 +65,16 @@ def bench(
 ):
     """Accuracy (test split) and latency of every available backend and precision, with the unpruned network and
     the ensemble teacher as reference points; writes bench.json, bench.csv and bench.png in the run."""
-    from pcltool.stages.bench import print_table, run_bench
+    from pcltool.stages.bench import run_bench
+    from pcltool.stages.bench_table import print_table
 
-    console = _console()
-    rd = _open_run(run, runs_dir)
-    doc = run_bench(rd, engine, batch, device.value, threads, peer, max_seconds, console=console)
-    print_table(console, doc)
-    console.print(f"results: {rd.path / 'bench.json'}, {rd.path / 'bench.csv'}\nplot:    {rd.path / 'bench.png'}")
+    out = console()
+    rd = open_run(run, runs_dir)
+    doc = run_bench(rd, engine, batch, device.value, threads, peer, max_seconds, console=out)
+    print_table(out, doc)
+    out.print(f"results: {rd.path / 'bench.json'}, {rd.path / 'bench.csv'}\nplot:    {rd.path / 'bench.png'}")
 
 
-@app.command("run")
 @handle_errors
 def run_pipeline(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/quickstart.toml")],
@@ -98,10 +96,9 @@ def run_pipeline(
 
     cfg = load_recipe(recipe, list(set_))
     pipeline(cfg, run, peer, parse_engines(engine), parse_batches(batch), device.value, calib_images, max_top1_drop,
-             console=_console())
+             console=console())
 
 
-@deploy_app.command("triton")
 @handle_errors
 def triton(
     run: Annotated[Path, typer.Argument(help="run directory")],
@@ -118,5 +115,5 @@ def triton(
     """Write a Triton Inference Server model repository (config.pbtxt with dynamic batching + the model)."""
     from pcltool.stages.build import run_triton
 
-    target = run_triton(_open_run(run), out, engine, precision, peer, name, max_batch, instances, force)
-    _console().print(f"Triton model repository: {target}  (tritonserver --model-repository {out})")
+    target = run_triton(open_run(run), out, engine, precision, peer, name, max_batch, instances, force)
+    console().print(f"Triton model repository: {target}  (tritonserver --model-repository {out})")

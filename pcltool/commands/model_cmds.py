@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.cli import RunArg, RunsDirOpt, _console, _open_run, app, handle_errors
+from pcltool.commands.common import RunArg, RunsDirOpt, console, handle_errors, open_run
 
 CANDIDATES_HELP = ("peer1..peerM, mean1..meanM, ensemble, mean-ensemble, or a policy: best (best single branch on "
                    "val), mean (best mean teacher on val), paper (= mean1)")
@@ -23,7 +23,6 @@ class Checkpoint(str, Enum):
 CheckpointOpt = Annotated[Checkpoint, typer.Option("--checkpoint", help="which training checkpoint to read")]
 
 
-@app.command()
 @handle_errors
 def select(
     run: RunArg = None,
@@ -35,10 +34,9 @@ def select(
     """Score every peer, mean teacher and ensemble head on the validation split; rank them and record the table."""
     from pcltool.stages.select import run_select
 
-    run_select(_open_run(run, runs_dir), checkpoint.value, split, _console())
+    run_select(open_run(run, runs_dir), checkpoint.value, split, console())
 
 
-@app.command()
 @handle_errors
 def prune(
     run: RunArg = None,
@@ -49,10 +47,9 @@ def prune(
     """Build the chosen branch as the plain backbone, prove its logits equal the branch's, save it (safetensors)."""
     from pcltool.stages.prune import run_prune
 
-    run_prune(_open_run(run, runs_dir), peer, checkpoint.value, _console())
+    run_prune(open_run(run, runs_dir), peer, checkpoint.value, console())
 
 
-@app.command()
 @handle_errors
 def export(
     run: RunArg = None,
@@ -72,4 +69,4 @@ def export(
     batch 1, 7 and 64; initialisers = the pruned network's). Runs select and prune first when needed."""
     from pcltool.stages.export import run_export
 
-    run_export(_open_run(run, runs_dir), peer, opset, dynamic_batch, static_batch, simplify, raw_input, _console())
+    run_export(open_run(run, runs_dir), peer, opset, dynamic_batch, static_batch, simplify, raw_input, console())

@@ -1,16 +1,16 @@
-"""Training-side commands: ``bench-train``."""
+"""Training-side commands: ``train`` and ``bench-train``."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pcltool.cli import Device, _console, app, handle_errors
+from pcltool.commands.common import Device, console, handle_errors
 
 
-@app.command("bench-train")
 @handle_errors
 def bench_train(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/cifar10.toml")],
@@ -42,29 +42,57 @@ def bench_train(
     cfg = load_recipe(recipe, overrides)
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
-    console = _console()
+    out_console = console()
     if accuracy:
         from pcltool.stages.train_parity import accuracy_table, run_accuracy_parity
 
-        report = run_accuracy_parity(cfg, data, dev, workers=workers, progress=console.print)
-        console.print(accuracy_table(report))
-        console.print(f"deployed mean teacher, test top-1: (a) {report['paths']['pcltool']['chosen_test_top1']:.2f} "
+        report = run_accuracy_parity(cfg, data, dev, workers=workers, progress=out_console.print)
+        out_console.print(accuracy_table(report))
+        out_console.print(f"deployed mean teacher, test top-1: (a) {report['paths']['pcltool']['chosen_test_top1']:.2f} "
                       f"vs (b) {report['paths']['reference']['chosen_test_top1']:.2f} "
                       f"({report['chosen_test_top1_a_minus_b']:+.2f} points); wall (b)/(a) = "
                       f"{report['speedup_a_over_b_wall']:.2f}x")
         path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-accuracy-{cfg.name}.json"
         write_report(report, path)
-        console.print(f"report: {path}")
+        out_console.print(f"report: {path}")
         if not report["finite"]:
-            _console(stderr=True).print("error: a path's training loss became NaN or infinite; its accuracy "
+            console(stderr=True).print("error: a path's training loss became NaN or infinite; its accuracy "
                                         "means nothing (lower train.lr, or use train.precision=fp32)")
             raise typer.Exit(code=1)
         return
     report = run_bench_train(cfg, data, dev, steps=steps, warmup=warmup, skip=tuple(skip), repeat=repeat,
-                             workers=workers, progress=lambda v: console.print(f"measuring {v.name} ..."))
-    console.print(report_table(report))
+                             workers=workers, progress=lambda v: out_console.print(f"measuring {v.name} ..."))
+    out_console.print(report_table(report))
     if report["speedup_a_over_b"] is not None:
-        console.print(f"(a)/(b) = {report['speedup_a_over_b']:.2f}x")
+        out_console.print(f"(a)/(b) = {report['speedup_a_over_b']:.2f}x")
     path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-{cfg.name}.json"
     write_report(report, path)
-    console.print(f"report: {path}")
+    out_console.print(f"report: {path}")
+
+
+@handle_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/cifar10.toml")],
+    set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.epochs=10 (repeatable)")] = [],  # noqa: B006
+    run: Annotated[Optional[Path], typer.Option("--run", help="run directory (default: runs/<recipe name>[-N])")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run (default: the most recent run)")] = False,
+    device: Annotated[Device, typer.Option("--device", help="where to train")] = Device.auto,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="random seed (same as --set seed=N)")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="launch N processes with torchrun (one per GPU)")] = None,
+):
+    """Train a PCL network (or the plain baseline with --set pcl.enabled=false) and record it in a run directory."""
+    from pcltool.config import load_recipe
+
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
+    if device != Device.auto:
+        overrides.append(f"device={device.value}")
+    cfg = load_recipe(recipe, overrides)
+    if nproc is not None:
+        from pcltool.distributed import launch_torchrun
+
+        raise typer.Exit(code=launch_torchrun(nproc, sys.argv[1:]))
+    from pcltool.distributed import train_entry
+
+    run_dir = train_entry(cfg, run, resume, console())
+    if run_dir is not None:
+        console().print(f"run: {run_dir}")

@@ -8,7 +8,8 @@ size, params, FLOPs, and per batch size p50/p90/p99 latency, throughput and the 
 (:mod:`pcltool.runtime.timing`); CPU rows also show how far they are from the FLOP floor (FLOPs / measured peak).
 
 ``bench.json`` and ``bench.csv`` are rewritten after every measurement, so an interrupted bench keeps what had
-finished; ``bench.png`` plots accuracy against latency per batch size with the Pareto front marked.
+finished. This module measures; :mod:`pcltool.stages.bench_table` prints the table and
+:mod:`pcltool.stages.bench_plot` draws ``bench.png``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 
 from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageError
-from pcltool.manifest import RunDir, atomic_path, atomic_write_text, now
+from pcltool.manifest import RunDir, atomic_write_text, now
 from pcltool.runtime.ort import read_metadata
+from pcltool.stages.bench_plot import plot
 from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
 
 BENCH_JSON, BENCH_CSV, BENCH_PNG = "bench.json", "bench.csv", "bench.png"
@@ -418,120 +420,3 @@ class _Progress:
 
 def _progress(console, total: int):
     return _Progress(console, total) if console is not None else _NoProgress()
-
-
-# --- reporting ------------------------------------------------------------------------------------------------------
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both latency (lower) and accuracy (higher), by latency."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -float("inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot(doc: dict, path: Path) -> None:
-    """Accuracy against p50 latency, one panel per batch size; each variant keeps its colour and marker across
-    panels (legend below), the Pareto front is the red step line through ringed points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    variants = [v for v in doc["variants"] if v["status"] == "ok"]
-    batches = sorted({r["batch"] for r in doc["results"] if "p50_ms" in r})
-    if not batches:
-        return
-    markers = "osD^v<>ph*X"
-    style = {v["key"]: (plt.cm.tab10(i % 10), markers[i % len(markers)]) for i, v in enumerate(variants)}
-    cols = min(2, len(batches))
-    rows = -(-len(batches) // cols)
-    legend_in = 0.25 * -(-(len(variants) + 1) // cols) + 0.2  # legend height, inches
-    height = 4.2 * rows + legend_in
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, height), squeeze=False)
-    for ax in axes.flat[len(batches):]:
-        ax.axis("off")
-    top1 = {v["key"]: v["top1"] for v in variants}
-    for ax, b in zip(axes.flat, batches):
-        points = [(r["p50_ms"], top1[r["variant"]], r["variant"]) for r in doc["results"]
-                  if r["batch"] == b and "p50_ms" in r and r["variant"] in top1]
-        front = pareto_front([(x, y) for x, y, _ in points])
-        for x, y, key in points:
-            color, marker = style[key]
-            ax.scatter(x, y, color=color, marker=marker, s=46, zorder=3, label=key)
-        if front:
-            fx, fy = zip(*[points[i][:2] for i in front])
-            ax.step(fx, fy, where="post", color="tab:red", linewidth=1.2, zorder=2)
-            ax.scatter(fx, fy, s=150, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=4)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("p50 latency per batch (ms, log scale)")
-        ax.set_ylabel(f"top-1 on the {doc.get('split', 'test')} split (%)")
-        ax.set_title(f"batch {b}")
-        ax.grid(True, which="both", alpha=0.3)
-    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=k) for k, (c, m) in style.items()]
-    handles.append(plt.Line2D([], [], color="tab:red", label="Pareto front (faster and at least as accurate)"))
-    fig.legend(handles=handles, loc="lower center", ncol=cols, fontsize=8, frameon=False)
-    gpu = (doc["hardware"].get("gpu") or {}).get("name")
-    fig.suptitle(f"{doc['candidate']}: accuracy vs latency — {gpu or doc['hardware']['cpu'].get('model', '')}, "
-                 f"{doc['settings']['threads']} threads", fontsize=11)
-    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def bench_table(doc: dict):
-    """A rich table: one line per variant and batch size."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    hw = doc["hardware"]
-    peak = hw.get("peak_fp32", {}).get("measured")
-    gpu = (hw.get("gpu") or {}).get("name")
-    title = (f"{doc['candidate']} · {hw['cpu'].get('model')} ({hw['cpu'].get('usable_cpus')} CPUs)"
-             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} threads"
-             + (f" · peak {peak['gflops']:.0f} GFLOP/s (sgemm)" if peak else ""))
-    table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"top-1{' / top-5' if doc['variants'] and doc['variants'][0].get('top5') is not None else ''}"
-                          f" on the {doc.get('split', 'test')} split · latency per batch · CV: coefficient of "
-                          "variation (! = median not stable) · x floor: p50 / (FLOPs / peak)")
-    for col in ("model", "engine", "MB", "top-1", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "CV", "x floor"):
-        table.add_column(col, justify="left" if col in ("model", "engine") else "right")
-    results: dict[str, list[dict]] = {}
-    for r in doc["results"]:
-        results.setdefault(r["variant"], []).append(r)
-    for v in doc["variants"]:
-        model = v["model"] + (f"\n[dim]{v['params'] / 1e6:.3g} M params · {v['flops'] / 1e6:.4g} MFLOPs[/]"
-                              if v["params"] and v["flops"] else "")
-        engine = f"{v['backend']}{'/' + v['provider'] if v['provider'] else ''} {v['precision']}"
-        acc = "-" if v["top1"] is None else f"{v['top1']:.2f}" + (f" / {v['top5']:.2f}" if v["top5"] else "")
-        head = [model, engine, _fmt(v["size_mb"], ".2f"), acc]
-        if v["status"] != "ok":
-            table.add_row(*head, "", f"[yellow]{v['status']}[/]", escape(v["note"]), *[""] * 4)
-            continue
-        for i, r in enumerate(results.get(v["key"], [])):
-            cells = head if i == 0 else [""] * len(head)
-            if "p50_ms" not in r:
-                table.add_row(*cells, str(r["batch"]), "", escape(r.get("note", "")), *[""] * 4)
-                continue
-            cv = f"{100 * r['cv']:.1f}%" + ("" if r["stable"] else " [yellow]![/]")
-            table.add_row(*cells, str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                          f"{r['throughput']:.0f}", cv, _fmt(r.get("x_floor"), ".2f"))
-        table.add_section()
-    return table
-
-
-def print_table(console, doc: dict) -> None:
-    """Print :func:`bench_table`; into a file or pipe, wide enough not to fold the columns."""
-    if not console.is_terminal:
-        console.width = max(console.width, 160)
-    console.print(bench_table(doc))
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)

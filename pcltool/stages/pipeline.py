@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pcltool.errors import RunDirError, StaleArtifactError
 from pcltool.manifest import MANIFEST, RunDir, sha256_file
-from pcltool.stages.bench import DEFAULT_BATCHES, print_table
+from pcltool.stages.bench import DEFAULT_BATCHES
+from pcltool.stages.bench_table import print_table
 
 PIPELINE_BUILDS = ("fp32", "int8")
 
