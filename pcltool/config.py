@@ -93,6 +93,9 @@ class PCLConfig(_Section):
     kd_mean_weight: float = Field(1.0, ge=0)
     mean_kd_reduction: Literal["mean", "sum"] = Field("mean", description="average (1/(m-1)) or sum over the other mean teachers")
     rampup_ensemble: bool = Field(True, description="whether lambda also scales the ensemble->peer term")
+    ensemble_head_lr: Literal["1/m", "same"] = Field(
+        "1/m", description="learning rate of the ensemble head: lr/m, so its logits step like one peer's classifier "
+                           "(its input is m features long), or the same lr as the network (the paper's code)")
     mean_bn_stats: Literal["own", "ema"] = Field(
         "own", description="BatchNorm statistics of the mean network: its own, from its train-mode forwards as the "
                            "reproduction keeps them, or the temporal mean of the live network's")

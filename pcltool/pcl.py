@@ -55,19 +55,43 @@ def ema_update(mean_tensors: list[torch.Tensor], live_tensors: list[torch.Tensor
 
 
 def mean_bn_momentum(momentum: float, updates_per_step: int) -> float:
-    """BatchNorm momentum that gives the mean network's running statistics, updated once per step, the horizon
-    they have when updated ``updates_per_step`` = k times per step with ``momentum`` μ:
+    """BatchNorm momentum that gives running statistics updated once per step the horizon they have when updated
+    ``updates_per_step`` = k times per step with momentum μ:
 
         μ' = 1 − (1 − μ)^k
 
-    The reproduction runs the whole mean network once per view, so every BatchNorm layer takes k = m updates per
-    step; pcltool runs it once per step (each peer on its own view, the trunk on all views together). The
-    statistics follow weights that move with the temporal mean, fast early in training (α = 1 − 1/(step + 1)),
-    so a longer horizon leaves them describing older weights than the ones evaluated.
+    The reproduction calls the trunk once per view, so every trunk BatchNorm layer takes k = m updates per step
+    while each peer's layers take one (peer j runs on view j only). With batched views pcltool calls the trunk
+    once per step on all m views together, so its trunk layers get μ' with k = m and the peers' layers keep μ
+    (:func:`bn_updates_per_step`).
     """
     if updates_per_step < 1:
         raise ValueError("updates_per_step must be >= 1")
     return 1.0 - (1.0 - momentum) ** updates_per_step
+
+
+def bn_updates_per_step(in_trunk: bool, num_peers: int) -> int:
+    """Running-statistics updates a BatchNorm layer of the multi-branch network takes per training step in the
+    reproduction: m for a trunk layer (the trunk runs once per view), 1 for a peer's layer (peer j sees view j)."""
+    return num_peers if in_trunk else 1
+
+
+def ensemble_head_lr_scale(num_peers: int) -> float:
+    """Learning-rate multiplier of the ensemble head ``z_e = W_e [f_1; …; f_m]``.
+
+    An SGD step on a linear layer moves its logits by −η·‖f‖²·(p − y) (per sample), so the head over the m
+    concatenated features, ‖[f_1; …; f_m]‖² = Σ_j ‖f_j‖² ≈ m·‖f‖², moves m times faster than a peer's
+    classifier at the same η. At the CIFAR recipes' η = 0.1 from step 0 that overshoots: the head's loss
+    explodes within ten steps and its gradient, which flows into every peer's features, leaves all peers at
+    chance (BENCHMARKS.md, "early stall"). Scaling the head's learning rate by
+
+        η_e / η = 1 / m
+
+    gives its logits the step size of one peer's classifier; the network and the loss stay the paper's.
+    """
+    if num_peers < 1:
+        raise ValueError("num_peers must be >= 1")
+    return 1.0 / num_peers
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

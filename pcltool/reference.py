@@ -2,14 +2,16 @@
 
 Built the way those codebases are: a torchvision-style dataset (HWC uint8 array, one PIL image per sample) whose
 ``__getitem__`` applies the PIL transform pipeline m times (one view per peer), a DataLoader with one worker per
-CPU core, fp32, contiguous (NCHW) tensors, one trunk call per view, a separate forward of the whole mean network
-per view (mean teacher k is peer k of the mean network on view k; the other peers' outputs are computed and
-dropped), ``loss.item()`` every step, and a Python loop over parameters for the temporal mean, whose BatchNorm
-layers keep their own running statistics by running in train mode.
+CPU core, fp32, contiguous (NCHW) tensors, one trunk call per view in both the live and the mean network (the
+mean network's peer k runs on view k only, as the reproduction's mean model does, so its trunk BatchNorm layers
+take m running-statistics updates per step and each peer's layers one), ``loss.item()`` every step, and a
+Python loop over parameters for the temporal mean, whose BatchNorm layers keep their own running statistics by
+running in train mode.
 
 It shares with pcltool only what makes losses comparable: the network construction and initialisation
-(:func:`pcltool.trainer.build_networks`), the loss (:func:`pcltool.pcl.pcl_loss`), the ramp-up and EMA decay
-formulas, the learning-rate schedule and the epoch's sample order. With ``data.augment = "none"`` both paths see
+(:func:`pcltool.trainer.build_networks`), the optimiser's parameter groups (:func:`pcltool.trainer.param_groups`),
+the loss (:func:`pcltool.pcl.pcl_loss`), the ramp-up and EMA decay formulas, the learning-rate schedule and the
+epoch's sample order. With ``data.augment = "none"`` both paths see
 the same inputs, so their losses match step for step (pcltool with ``train.batched_views = false``; with
 batched views BatchNorm in the trunk normalises over all m views jointly, which differs once views differ).
 """
@@ -26,7 +28,8 @@ from pcltool.config import Recipe
 from pcltool.data.splits import DatasetBundle, TensorSplit, epoch_order
 from pcltool.optim import build_scheduler
 from pcltool.pcl import ema_decay, pcl_loss, ramp_up
-from pcltool.trainer import LOSS_PARTS, build_networks, loss_weights, runs_mean_teachers, shuffle_seed
+from pcltool.trainer import (LOSS_PARTS, build_networks, loss_weights, param_groups, runs_mean_teachers,
+                             shuffle_seed)
 
 
 def pil_transform(recipe: Recipe, data: DatasetBundle):
@@ -105,15 +108,16 @@ class ReferenceTrainer:
         cfg = recipe.train
         torch.manual_seed(recipe.seed)
         self.live, self.mean = build_networks(recipe, data.num_classes, data.in_channels)
-        for module in self.mean.modules():  # the mean network keeps its own running statistics
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.momentum = 0.1
+        for net in (self.live, self.mean):  # one update per call, m trunk calls per step: PyTorch's default
+            for module in net.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.momentum = 0.1
         self.live.to(device).train()
         self.mean.to(device).train()
         self.num_views = recipe.num_branches
         self.weights = loss_weights(recipe)
         self.use_mean_teachers = runs_mean_teachers(recipe)
-        self.optimizer = torch.optim.SGD(self.live.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(param_groups(self.live, recipe), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         self.dataset = MultiViewImageDataset(data.train, pil_transform(recipe, data), self.num_views)
         self.sampler = EpochOrderSampler(len(self.dataset), recipe.seed)
@@ -139,7 +143,8 @@ class ReferenceTrainer:
         mean_logits = None
         if self.use_mean_teachers:
             with torch.no_grad():
-                mean_logits = torch.stack([self.mean(views[k])[0][k] for k in range(self.num_views)])
+                mean_logits = torch.stack([self.mean.peers[k](self.mean.trunk(views[k]))[1]
+                                           for k in range(self.num_views)])
         return torch.stack(logits), ensemble_logits, mean_logits
 
     def train_step(self, views: list[torch.Tensor], labels: torch.Tensor, epoch_float: float) -> torch.Tensor:

@@ -30,7 +30,8 @@ from pcltool.errors import UsageError
 from pcltool.evaluate import evaluate_networks
 from pcltool.models import PCLNetwork
 from pcltool.optim import build_optimizer, build_scheduler
-from pcltool.pcl import PCLLossWeights, ema_decay, ema_update, mean_bn_momentum, pcl_loss, ramp_up
+from pcltool.pcl import (PCLLossWeights, bn_updates_per_step, ema_decay, ema_update, ensemble_head_lr_scale,
+                         mean_bn_momentum, pcl_loss, ramp_up)
 
 LOSS_PARTS = ("total", "ce_peers", "ce_ensemble", "kd_ensemble", "kd_mean")
 
@@ -65,26 +66,55 @@ def mean_bn_statistics(recipe: Recipe) -> str:
 def build_networks(recipe: Recipe, num_classes: int, in_channels: int) -> tuple[PCLNetwork, PCLNetwork]:
     """The live PCL network and its temporal mean (a copy that receives no gradients).
 
+    BatchNorm running statistics take, per layer, the horizon they have in the reproduction, which calls the
+    trunk once per view and each peer once (on its own view): m updates per step for a trunk layer, one for a
+    peer's layer (:func:`pcltool.pcl.bn_updates_per_step`). With ``train.batched_views`` the trunk runs once per
+    step on all views together, so its layers get the momentum of m updates (:func:`pcltool.pcl.mean_bn_momentum`,
+    0.1 -> 0.271 for m = 3); the peers' layers, and every layer when views go through the trunk one at a time,
+    keep 0.1. Running statistics never affect training (the forwards run in train mode, on batch statistics);
+    they are what evaluation, ``select`` and the deployed network use.
+
     BatchNorm in the mean network (``pcl.mean_bn_stats``; the teachers always run in train mode, on batch
-    statistics, as the reference implementation does):
+    statistics, as the reproduction does):
 
     - ``"own"`` (default): the running statistics are the mean network's own, updated by those train-mode
-      forwards, so at evaluation they describe the averaged weights' activations, as in the reproduction. That
-      forward runs once per step where the reproduction's runs once per view, so the momentum is raised to
-      give the same horizon in steps (:func:`pcltool.pcl.mean_bn_momentum`; 0.1 -> 0.271 for m = 3);
+      forwards, so at evaluation they describe the averaged weights' activations, as in the reproduction;
     - ``"ema"``: its layers get momentum 0, so the forwards leave them alone, and the statistics are the temporal
       mean of the live network's, updated by :func:`pcltool.pcl.ema_update` like the weights. They then describe
       other weights than the mean network's: on short runs its teachers score near chance (BENCHMARKS.md).
       Also what applies where training never runs the mean network (:func:`mean_bn_statistics`)."""
     live = PCLNetwork(recipe.model.backbone, num_classes, recipe.num_branches, in_channels,
                       ensemble=recipe.pcl.enabled, batched_views=recipe.train.batched_views)
+    if recipe.train.batched_views and recipe.num_branches > 1:
+        _match_reproduction_bn_horizon(live, recipe.num_branches)
     mean = copy.deepcopy(live)
-    follows_live = mean_bn_statistics(recipe) == "ema"
-    for module in mean.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-            module.momentum = 0.0 if follows_live else mean_bn_momentum(module.momentum, recipe.num_branches)
+    if mean_bn_statistics(recipe) == "ema":
+        for module in _batchnorms(mean):
+            module.momentum = 0.0
     mean.requires_grad_(False)
     return live, mean
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
+
+
+def _match_reproduction_bn_horizon(net: PCLNetwork, num_peers: int) -> None:
+    """Trunk BatchNorm layers of a batched-views network: the momentum of m per-view updates in one update."""
+    for module in _batchnorms(net.trunk):
+        module.momentum = mean_bn_momentum(module.momentum, bn_updates_per_step(True, num_peers))
+
+
+def param_groups(live: PCLNetwork, recipe: Recipe) -> list[dict]:
+    """Optimiser parameter groups: the network, and the ensemble head at ``lr_scale`` times the learning rate
+    (``pcl.ensemble_head_lr``: ``"1/m"`` -> :func:`pcltool.pcl.ensemble_head_lr_scale`, ``"same"`` -> 1)."""
+    head = live.ensemble_head
+    if head is None:
+        return [{"params": list(live.parameters())}]
+    head_ids = {id(p) for p in head.parameters()}
+    body = [p for p in live.parameters() if id(p) not in head_ids]
+    scale = ensemble_head_lr_scale(live.num_peers) if recipe.pcl.ensemble_head_lr == "1/m" else 1.0
+    return [{"params": body}, {"params": list(head.parameters()), "lr": recipe.train.lr * scale}]
 
 
 def loss_weights(recipe: Recipe) -> PCLLossWeights:
@@ -158,7 +188,7 @@ class PCLTrainer:
             self.model = nn.parallel.DistributedDataParallel(self.live, device_ids=ids)
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = data.train.num_batches(self.local_batch, shard=(0, self.dist.world_size))
-        self.optimizer = build_optimizer(self.live.parameters(), cfg, device)
+        self.optimizer = build_optimizer(param_groups(self.live, recipe), cfg, device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.autocast_dtype = autocast_dtype_for(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)

@@ -139,8 +139,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     ("own", ["pcl.kd_mean=false"], "ema"),
 ], ids=["own", "ema", "baseline", "no-mean-teachers"])
 def test_mean_network_batchnorm_statistics(stats, extra, applied):
-    """``own``: the mean network's running statistics come from its own forwards (momentum raised for one
-    update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
+    """``own``: the mean network's running statistics come from its own forwards (a trunk layer's momentum raised
+    for one update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
     training never runs the mean network): momentum 0, and they are the temporal mean of the live network's."""
     from pcltool.data import load_dataset
     from pcltool.reference import ReferenceTrainer
@@ -159,14 +159,54 @@ def test_mean_network_batchnorm_statistics(stats, extra, applied):
         ref.train_step(views, labels, 0.0)
         torch.testing.assert_close(ref.mean.trunk[0][1].running_var, ref.live.trunk[0][1].running_var)
     live_bn = trainer.live.trunk[0][1]
-    assert live_bn.momentum == pytest.approx(0.1)
-    images, labels = next(trainer.epoch_batches())
+    assert live_bn.momentum == pytest.approx(0.271 if trainer.live.num_peers == 3 else 0.1)
+    batches = trainer.epoch_batches()
     before = bn.running_var.clone()
+    images, labels = next(batches)
     trainer.train_step(images, labels, 0.0)
-    if applied == "own":  # first step: alpha = 0 copies the live parameters, not the buffers
+    if applied == "own":
+        # steps 1-2 run the mean network with the live weights (alpha = 0 copies them after step 1), so its
+        # statistics equal the live ones; from step 3 its weights are an average, and so are its own statistics
+        for _ in range(2):
+            images, labels = next(batches)
+            trainer.train_step(images, labels, 0.0)
         assert not torch.equal(bn.running_var, before) and not torch.equal(bn.running_var, live_bn.running_var)
     else:
         torch.testing.assert_close(bn.running_var, live_bn.running_var)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-views", "per-view"])
+def test_batchnorm_horizon_matches_the_reproduction_layer_by_layer(batched):
+    """Count the running-statistics updates every BatchNorm layer takes in one step of the reference path (the
+    reproduction's calls: the trunk once per view, peer k of the mean network on view k only), in the live and the
+    mean network; pcltool's momentum for that layer must give the horizon of that many updates of 0.1."""
+    from pcltool.data import load_dataset
+    from pcltool.pcl import mean_bn_momentum
+    from pcltool.reference import ReferenceTrainer
+    from pcltool.trainer import PCLTrainer
+
+    recipe = load_recipe(QUICKSTART, ["device=cpu", "model.backbone=resnet8", "pcl.peers=3",
+                                      f"train.batched_views={str(batched).lower()}"])
+    data = load_dataset(recipe.data)
+    ref = ReferenceTrainer(recipe, data, torch.device("cpu"), workers=0)
+    before = {(net, name): b.clone() for net in ("live", "mean")
+              for name, b in getattr(ref, net).named_buffers() if name.endswith("num_batches_tracked")}
+    views, labels = next(ref.epoch_batches())
+    ref.train_step(views, labels, 0.0)
+    fast = PCLTrainer(recipe, data, torch.device("cpu"))
+    updates_seen = set()
+    for net in ("live", "mean"):
+        buffers = dict(getattr(ref, net).named_buffers())
+        modules = dict(getattr(fast, net).named_modules())
+        for (which, name), old in before.items():
+            if which != net:
+                continue
+            updates = int(buffers[name] - old)
+            updates_seen.add((name.startswith("trunk"), updates))
+            momentum = modules[name.removesuffix(".num_batches_tracked")].momentum
+            expected = mean_bn_momentum(0.1, updates) if batched else 0.1
+            assert momentum == pytest.approx(expected), (net, name, updates)
+    assert updates_seen == {(True, 3), (False, 1)}  # trunk layers: m = 3 updates, peers' layers: 1
 
 
 def test_mean_teachers_of_a_short_run_are_not_left_at_chance():

@@ -1,5 +1,8 @@
 """CIFAR ResNets (He et al. 2016, section 4.2): 3 stages of 16/32/64 channels, n blocks each, depth 6n+2.
 
+``resnet{8,14,20,32,56,110}`` use the paper's parameter-free option-A shortcut (subsample + zero-pad), which is
+what the published CIFAR sizes count (ResNet-32: 0.46 M). ``resnet{N}_proj`` use option-B projection shortcuts
+(1x1 convolution + BatchNorm where the shape changes), as the public PCL reproduction and ONE's code do.
 ResNet-110 is also offered in the bottleneck form (depth 9n+2, pooled feature 256) used by some PCL tables."""
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
 
 
+def projection_shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    """Option-B shortcut: a strided 1x1 convolution + BatchNorm to the new shape."""
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, projection: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -38,7 +46,8 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = PadShortcut(in_planes, planes, stride)
+            self.shortcut = (projection_shortcut(in_planes, planes, stride) if projection
+                             else PadShortcut(in_planes, planes, stride))
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -49,7 +58,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, projection: bool = True):
         super().__init__()
         out_planes = planes * self.expansion
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
@@ -61,7 +70,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+            self.shortcut = projection_shortcut(in_planes, out_planes, stride)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -70,10 +79,11 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def _stage(block, in_planes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
+def _stage(block, in_planes: int, planes: int, blocks: int, stride: int,
+           projection: bool) -> tuple[nn.Sequential, int]:
     layers = []
     for i in range(blocks):
-        layers.append(block(in_planes, planes, stride if i == 0 else 1))
+        layers.append(block(in_planes, planes, stride if i == 0 else 1, projection))
         in_planes = planes * block.expansion
     return nn.Sequential(*layers), in_planes
 
@@ -87,12 +97,13 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def cifar_resnet(depth_blocks: int, block, num_classes: int, in_channels: int = 3) -> SplitBackbone:
+def cifar_resnet(depth_blocks: int, block, num_classes: int, in_channels: int = 3,
+                 projection: bool = False) -> SplitBackbone:
     """Trunk = stem + stage1 + stage2; branch = stage3 -> global average pool; classifier = FC."""
     stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-    stage1, planes = _stage(block, 16, 16, depth_blocks, 1)
-    stage2, planes = _stage(block, planes, 32, depth_blocks, 2)
-    stage3, planes = _stage(block, planes, 64, depth_blocks, 2)
+    stage1, planes = _stage(block, 16, 16, depth_blocks, 1, projection)
+    stage2, planes = _stage(block, planes, 32, depth_blocks, 2, projection)
+    stage3, planes = _stage(block, planes, 64, depth_blocks, 2, projection)
     net = SplitBackbone(
         trunk=nn.Sequential(stem, stage1, stage2),
         branch=nn.Sequential(stage3, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
@@ -102,11 +113,14 @@ def cifar_resnet(depth_blocks: int, block, num_classes: int, in_channels: int = 
     return net
 
 
-for _depth in (20, 32, 56, 110):
-    def _factory(num_classes: int, in_channels: int = 3, _n=(_depth - 2) // 6) -> SplitBackbone:
-        return cifar_resnet(_n, BasicBlock, num_classes, in_channels)
+for _depth in (8, 14, 20, 32, 56, 110):
+    for _projection in (False, True):
+        def _factory(num_classes: int, in_channels: int = 3, _n=(_depth - 2) // 6, _p=_projection) -> SplitBackbone:
+            return cifar_resnet(_n, BasicBlock, num_classes, in_channels, projection=_p)
 
-    register_backbone(f"resnet{_depth}", "cifar", f"CIFAR ResNet-{_depth} (basic blocks, 0.27-1.7 M params)")(_factory)
+        _shortcut = "projection (1x1 conv + BN) shortcuts" if _projection else "zero-padding shortcuts"
+        register_backbone(f"resnet{_depth}{'_proj' if _projection else ''}", "cifar",
+                          f"CIFAR ResNet-{_depth}, basic blocks, {_shortcut}")(_factory)
 
 
 @register_backbone("resnet110_bottleneck", "cifar", "CIFAR ResNet-110, bottleneck blocks (feature 256)")

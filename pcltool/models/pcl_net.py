@@ -11,7 +11,7 @@ from pcltool.models.registry import SplitBackbone, create_backbone
 class Peer(nn.Module):
     """One peer: the backbone's high-level layers and its own classifier."""
 
-    def __init__(self, branch: nn.Module, classifier: nn.Linear):
+    def __init__(self, branch: nn.Module, classifier: nn.Module):
         super().__init__()
         self.branch = branch
         self.classifier = classifier

@@ -14,11 +14,12 @@ class SplitBackbone(nn.Module):
     """A plain classifier ``classifier(branch(trunk(x)))``.
 
     ``trunk``: the low-level layers PCL shares between peers; ``branch``: the high-level layers, ending in a
-    pooled, flattened feature of size ``feature_dim``; ``classifier``: the linear layer. There is no multi-branch
+    pooled, flattened feature of size ``feature_dim``; ``classifier``: the linear layer (or a module with
+    ``in_features``/``out_features`` like one, e.g. VGG's MLP). There is no multi-branch
     code in it: it is exactly the backbone, and what ``prune`` deploys.
     """
 
-    def __init__(self, trunk: nn.Module, branch: nn.Module, classifier: nn.Linear):
+    def __init__(self, trunk: nn.Module, branch: nn.Module, classifier: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.branch = branch
