@@ -10,7 +10,7 @@ import os
 
 import typer
 
-from pcltool.commands import engine_cmds, model_cmds, run_cmds, train_cmds
+from pcltool.commands import compare_cmds, engine_cmds, model_cmds, run_cmds, train_cmds
 
 app = typer.Typer(
     name="pcltool",
@@ -31,6 +31,7 @@ app.command()(engine_cmds.bench)
 app.command("run")(engine_cmds.run_pipeline)
 app.command()(run_cmds.status)
 app.command("bench-train")(train_cmds.bench_train)
+app.command()(compare_cmds.compare)
 deploy_app.command("triton")(engine_cmds.triton)
 app.add_typer(deploy_app, name="deploy")
 
