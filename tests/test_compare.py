@@ -117,7 +117,7 @@ def test_compare_command_refuses_a_folder_that_is_not_a_run(tmp_path):
     (out / "pcl-seed0").mkdir(parents=True)
     (out / "pcl-seed0" / "notes.txt").write_text("mine")
     result = CliRunner().invoke(app, ["compare", str(QUICKSTART), "--seeds", "0", "--out", str(out),
-                                      *sum((["--set", o] for o in COMPARE_OVERRIDES), [])])
+                                      *[a for o in COMPARE_OVERRIDES for a in ("--set", o)]])
     assert result.exit_code == 4
     assert "is not a pcltool run" in result.output
     assert (out / "pcl-seed0" / "notes.txt").read_text() == "mine"

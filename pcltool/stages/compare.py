@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pcltool.config import Recipe, recipe_from_dict
 from pcltool.errors import RunDirError, UsageError
@@ -197,8 +197,9 @@ def ledger_markdown(book: dict) -> str:
     h, cost = book["headline"], book["cost"]
     ratio = "-" if cost["pcl_over_baseline"] is None else f"{cost['pcl_over_baseline']:.2f}x"
     seeds = ", ".join(str(s) for s in book["seeds"])
-    lines = [f"# PCL vs plain training: {book['recipe']['name']} ({book['recipe']['model']['backbone']}, "
-             f"{book['recipe']['train']['epochs']} epochs), seeds {seeds}", "",
+    title = (f"# PCL vs plain training: {book['recipe']['name']} ({book['recipe']['model']['backbone']}, "
+             f"{book['recipe']['train']['epochs']} epochs), seeds {seeds}")
+    lines = [title, "",
              f"{book['metric']}.", "", "| model | test top-1 % | per seed |", "|---|---|---|"]
     for key in ("deployed_pcl", "baseline", "baseline_ema", "pcl_ensemble", "pcl_mean_ensemble"):
         row = h[key]
