@@ -50,7 +50,8 @@ def _result(kind, seed, deployed_top1, peer1, mean1):
     names = ["peer1", "mean1"] + (["peer2", "mean2", "ensemble", "mean-ensemble"] if kind == "pcl" else [])
     test = {n: 50.0 for n in names} | ({"mean2": deployed_top1} if kind == "pcl" else {"peer1": peer1, "mean1": mean1})
     return {"kind": kind, "seed": seed, "val_top1": dict(test), "test_top1": test,
-            "deployed": "mean2" if kind == "pcl" else "mean1", "deployed_test_top1": test["mean2" if kind == "pcl" else "mean1"],
+            "deployed": "mean2" if kind == "pcl" else "mean1", "policy": "mean",
+            "policies": {"best": "mean2" if kind == "pcl" else "mean1", "mean": "mean2" if kind == "pcl" else "mean1", "paper": "mean1"}, "deployed_test_top1": test["mean2" if kind == "pcl" else "mean1"],
             "wall_seconds": 100.0 if kind == "pcl" else 20.0, "params": 10}
 
 

@@ -17,6 +17,7 @@ def compare(
     set_: Annotated[list[str], typer.Option("--set", help="override a recipe value for both arms: --set train.epochs=30 (repeatable)")] = [],  # noqa: B006
     out: Annotated[Optional[Path], typer.Option("--out", help="folder for the runs and the ledger (default: <runs_dir>/compare-<recipe name>)")] = None,
     device: Annotated[Device, typer.Option("--device", help="where to train")] = Device.auto,
+    policy: Annotated[str, typer.Option("--policy", help="select policy that names the deployed PCL network: mean (best mean teacher on validation), best (best single branch), paper (mean1)")] = "mean",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=1024, help="CPU threads for PyTorch ops (default: PyTorch's choice)")] = None,
 ):
     """Train the recipe with PCL and as its plain baseline (pcl.enabled=false) for every seed, choose each run's
@@ -41,6 +42,6 @@ def compare(
         verb = {"new": "training", "interrupted": "resuming", "done": "reusing"}[state]
         out_console.print(f"{verb} {arm.kind} seed {arm.seed}: {arm.path}")
 
-    book = run_compare(cfg, seed_list, folder, console=out_console, on_arm=announce)
+    book = run_compare(cfg, seed_list, folder, console=out_console, on_arm=announce, policy=policy)
     out_console.print(ledger_view(book))
     out_console.print(f"ledger: {folder / 'ledger.md'} and {folder / 'ledger.json'}")

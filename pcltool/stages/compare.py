@@ -29,6 +29,7 @@ LEDGER_JSON = "ledger.json"
 LEDGER_MD = "ledger.md"
 ARMS = ("pcl", "baseline")
 DEPLOY_POLICY = "mean"  # select's policy for the deployed network: the best mean teacher on validation
+HEADLINE_ROWS = ("deployed_pcl", "pcl_best_single", "baseline", "baseline_ema", "pcl_ensemble", "pcl_mean_ensemble")
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,15 +122,16 @@ def select_arm(arm: Arm, console) -> dict:
     return run_select(run)
 
 
-def arm_result(arm: Arm, table: dict) -> dict:
-    """What the ledger needs from one finished, selected run."""
+def arm_result(arm: Arm, table: dict, policy: str = DEPLOY_POLICY) -> dict:
+    """What the ledger needs from one finished, selected run (``policy``: the select policy that deploys)."""
     run = RunDir.open(arm.path)
     metrics = run.stage("train")["metrics"]
     val = {row["candidate"]: row["top1"] for row in table["candidates"]}
-    deployed = table["policies"][DEPLOY_POLICY]
+    deployed = table["policies"][policy]
     return {
         "kind": arm.kind, "seed": arm.seed, "run": str(arm.path), "run_id": run.run_id,
-        "val_top1": val, "test_top1": metrics["test_top1"], "deployed": deployed,
+        "val_top1": val, "test_top1": metrics["test_top1"], "deployed": deployed, "policy": policy,
+        "policies": table["policies"],
         "deployed_test_top1": metrics["test_top1"][deployed], "deployed_val_top1": val[deployed],
         "wall_seconds": metrics.get("wall_seconds"), "epochs": metrics.get("epochs_done"),
         "params": next(r["params"] for r in table["candidates"] if r["candidate"] == deployed),
@@ -158,13 +160,17 @@ def ledger(results: list[dict], recipe: Recipe, seeds: list[int]) -> dict:
     branches.update({f"baseline/{n}": {"val": over(base, "val_top1", n), "test": over(base, "test_top1", n)}
                      for n in base[paired[0]]["test_top1"]})
     deployed = summarize([pcl[s]["deployed_test_top1"] for s in paired])
+    policy = pcl[paired[0]]["policy"]
+    best = summarize([pcl[s]["test_top1"][pcl[s]["policies"]["best"]] for s in paired])
     plain = summarize([base[s]["test_top1"]["peer1"] for s in paired])
     plain_ema = summarize([base[s]["test_top1"]["mean1"] for s in paired])
     pcl_wall = [pcl[s]["wall_seconds"] for s in paired if pcl[s]["wall_seconds"] is not None]
     base_wall = [base[s]["wall_seconds"] for s in paired if base[s]["wall_seconds"] is not None]
     headline = {
-        "deployed_pcl": {**deployed, "what": f"PCL, chosen on validation by select policy '{DEPLOY_POLICY}'",
+        "deployed_pcl": {**deployed, "what": f"PCL deployed: select policy '{policy}' on validation",
                          "chosen": [pcl[s]["deployed"] for s in paired]},
+        "pcl_best_single": {**best, "what": "PCL best single branch on validation (policy 'best')",
+                            "chosen": [pcl[s]["policies"]["best"] for s in paired]},
         "baseline": {**plain, "what": "plain training, last weights (peer1)"},
         "baseline_ema": {**plain_ema, "what": "plain training, temporal mean of the weights (mean1)"},
         "pcl_ensemble": {**branches["pcl/ensemble"]["test"], "what": "PCL ensemble teacher (all peers; m x cost)"},
@@ -201,14 +207,15 @@ def ledger_markdown(book: dict) -> str:
              f"{book['recipe']['train']['epochs']} epochs), seeds {seeds}")
     lines = [title, "",
              f"{book['metric']}.", "", "| model | test top-1 % | per seed |", "|---|---|---|"]
-    for key in ("deployed_pcl", "baseline", "baseline_ema", "pcl_ensemble", "pcl_mean_ensemble"):
+    for key in HEADLINE_ROWS:
         row = h[key]
         lines.append(f"| {row['what']} | {_pm(row)} | {', '.join(f'{v:.2f}' for v in row['values'])} |")
     for key, what in (("deployed_minus_baseline", "deployed PCL − baseline (paired, points)"),
                       ("deployed_minus_baseline_ema", "deployed PCL − baseline EMA (paired, points)")):
         row = h[key]
         lines.append(f"| **{what}** | **{_pm(row)}** | {', '.join(f'{v:+.2f}' for v in row['values'])} |")
-    lines += ["", f"Deployed choices: {', '.join(h['deployed_pcl']['chosen'])}.", "",
+    lines += ["", f"Deployed choices: {', '.join(h['deployed_pcl']['chosen'])}; best single branch: "
+              f"{', '.join(h['pcl_best_single']['chosen'])}.", "",
               "| branch | val top-1 % | test top-1 % |", "|---|---|---|"]
     for name, row in book["branches"].items():
         lines.append(f"| {name} | {_pm(row['val'])} | {_pm(row['test'])} |")
@@ -230,7 +237,7 @@ def ledger_view(book: dict):
     view = Table(title=f"PCL vs plain training over seeds {', '.join(map(str, book['seeds']))} (test top-1 %)")
     for col in ("model", "mean ± std", "per seed"):
         view.add_column(col, justify="left" if col == "model" else "right")
-    for key in ("deployed_pcl", "baseline", "baseline_ema", "pcl_ensemble", "pcl_mean_ensemble"):
+    for key in HEADLINE_ROWS:
         row = h[key]
         view.add_row(row["what"], _pm(row), ", ".join(f"{v:.2f}" for v in row["values"]))
     for key, what in (("deployed_minus_baseline", "deployed − baseline (points)"),
@@ -245,8 +252,12 @@ def ledger_view(book: dict):
 
 
 def run_compare(recipe: Recipe, seeds: list[int], out: Path, console=None,
-                on_arm: Callable[[Arm, str], None] | None = None) -> dict:
+                on_arm: Callable[[Arm, str], None] | None = None, policy: str = DEPLOY_POLICY) -> dict:
     """Train (or reuse/resume) every arm, select each, and write the ledger into ``out``."""
+    from pcltool.stages.select import POLICIES
+
+    if policy not in POLICIES:
+        raise UsageError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
     arms = plan(recipe, seeds, out)
     states = [arm_state(arm) for arm in arms]  # refuse a foreign run before training anything
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +267,7 @@ def run_compare(recipe: Recipe, seeds: list[int], out: Path, console=None,
             on_arm(arm, state)
         if state != "done":
             train_arm(arm, state, console)
-        results.append(arm_result(arm, select_arm(arm, console)))
+        results.append(arm_result(arm, select_arm(arm, console), policy if arm.kind == "pcl" else DEPLOY_POLICY))
     book = ledger(results, recipe, seeds)
     atomic_write_text(out / LEDGER_JSON, json.dumps(book, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / LEDGER_MD, ledger_markdown(book))
