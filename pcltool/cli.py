@@ -7,10 +7,11 @@ so that ``pcltool --help`` answers instantly); this module only assembles them, 
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 
-from pcltool.commands import engine_cmds, model_cmds, run_cmds, train_cmds
+from pcltool.commands import engine_cmds, model_cmds, recipe_cmds, run_cmds, train_cmds
 
 app = typer.Typer(
     name="pcltool",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",  # docstrings' hard line breaks are joined into one paragraph
 )
 deploy_app = typer.Typer(help="Write deployment bundles (Triton model repository).", no_args_is_help=True)
 
@@ -33,6 +35,33 @@ app.command()(run_cmds.status)
 app.command("bench-train")(train_cmds.bench_train)
 deploy_app.command("triton")(engine_cmds.triton)
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(recipe_cmds.recipe_app, name="recipe")
+
+
+def version_text() -> str:
+    """``pcltool X.Y.Z`` from the installed package's metadata (the source tree's version when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pcltool {version('pcltool')}"
+    except PackageNotFoundError:
+        from pcltool import __version__
+
+        return f"pcltool {__version__}"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="print pcltool's version and exit")] = False,
+) -> None:
+    """Options that apply before any command (the app's help text is given above)."""
 
 
 def main() -> None:

@@ -79,8 +79,9 @@ def bench(
 def run_pipeline(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/quickstart.toml")],
     set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.epochs=10 (repeatable)")] = [],  # noqa: B006
-    run: Annotated[Optional[Path], typer.Option("--run", help="run directory (default: continue the newest run of "
-                                                              "this recipe, or start runs/<name>[-N])")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run-dir", "--run", help="run directory (default: continue the "
+                                                                         "newest run of this recipe, or start "
+                                                                         "runs/<name>[-N])")] = None,
     peer: Annotated[str, typer.Option("--peer", help="which candidate to deploy (as `pcltool export --peer`)")] = "mean",
     engine: Annotated[str, typer.Option("--engine", help="bench engines (as `pcltool bench --engine`)")] = "torch,ort",
     batch: Annotated[str, typer.Option("--batch", help="bench batch sizes")] = "1,8,64,256",
