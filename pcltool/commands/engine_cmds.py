@@ -9,7 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, handle_errors, open_run
+from pcltool.commands.common import (
+    Device,
+    RunArg,
+    RunsDirOpt,
+    console,
+    handle_errors,
+    open_run,
+)
 
 PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candidate to use (default: the run's only "
                                                                  "export), e.g. mean2")]
@@ -24,8 +31,9 @@ CalibOpt = Annotated[int, typer.Option("--calib-images", help="int8: training im
 @handle_errors
 def build(
     run: RunArg = None,
-    engine: Annotated[str, typer.Option("--engine", help="ort (ONNX Runtime) or trt (TensorRT)")] = "ort",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, int8, or fp16 (GPU execution)")] = "fp32",
+    engine: Annotated[str, typer.Option("--engine", help="ort (ONNX Runtime), trt (TensorRT) or openvino "
+                                                         "(OpenVINO, optional: pip install 'pcltool[openvino]')")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, int8, or fp16 (GPU execution; ort and trt)")] = "fp32",
     batch: Annotated[str, typer.Option("--batch", help="optimisation profile MIN,OPT,MAX (TensorRT; also Triton's "
                                                        "max batch)")] = "1,64,256",
     calib_images: CalibOpt = 512,
@@ -53,7 +61,8 @@ def build(
 @handle_errors
 def bench(
     run: RunArg = None,
-    engine: Annotated[str, typer.Option("--engine", help="torch, torch-compile, ort, trt or all (comma-separated); "
+    engine: Annotated[str, typer.Option("--engine", help="torch, torch-compile, ort, trt, openvino or all "
+                                                         "(comma-separated); "
                                                          "all adds torch.compile")] = "torch,ort,trt",
     batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma-separated")] = "1,8,64,256",
     device: Annotated[Device, typer.Option("--device", help="where to run")] = Device.auto,
