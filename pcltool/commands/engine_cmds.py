@@ -9,14 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.commands.common import (
-    Device,
-    RunArg,
-    RunsDirOpt,
-    console,
-    handle_errors,
-    open_run,
-)
+from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, handle_errors, open_run
 
 PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candidate to use (default: the run's only "
                                                                  "export), e.g. mean2")]

@@ -5,8 +5,8 @@ training images; fp16: for the CUDA execution provider) and TensorRT (a serializ
 profile, strongly typed from the fp32 / FP16 / INT8 Q/DQ ONNX) and, where installed, OpenVINO (IR of the fp32
 model or of the same INT8 Q/DQ model). An ONNX Runtime engine that only ONNX Runtime can load (the saved graph
 optimisations add ``com.microsoft`` operators) is named ``*.onnx.ort-only`` and carries ``pcltool.portable =
-false``; the INT8 and FP16 models keep standard operators, ``.onnx`` and ``pcltool.portable = true``. Every engine is compared with the FP32 ONNX model
-on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
+false``; the INT8 and FP16 models keep standard operators, ``.onnx`` and ``pcltool.portable = true``. Every
+engine is compared with the FP32 ONNX model on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
 whose top-1 drops more than ``max_top1_drop`` points fails the build, and then nothing is written.
 """
 
