@@ -18,13 +18,7 @@ from pcltool.runtime.timing import measure, median_ci_rel
 from pcltool.stages.bench import CSV_FIELDS, parse_batches, parse_engines, run_bench
 from pcltool.stages.bench_plot import pareto_front
 from tests.test_build import (  # noqa: F401  (fixtures)
-    CANDIDATE,
-    _one_thread,
-    built_run,
-    exported_run,
-    exported_template,
-    int8_template,
-)
+    CANDIDATE, _one_thread, built_run, exported_run, exported_template, int8_template)
 
 FAST = {"max_seconds": 0.3}
 

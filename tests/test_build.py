@@ -15,13 +15,7 @@ from typer.testing import CliRunner
 from pcltool.cli import app
 from pcltool.errors import UsageError, VerificationError
 from pcltool.manifest import RunDir
-from pcltool.stages.build import (
-    compare_logits,
-    gate,
-    parse_batch,
-    run_build,
-    split_arrays,
-)
+from pcltool.stages.build import compare_logits, gate, parse_batch, run_build, split_arrays
 
 CANDIDATE = "mean1"
 

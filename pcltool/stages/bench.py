@@ -29,12 +29,7 @@ from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageEr
 from pcltool.manifest import RunDir, atomic_write_text, now
 from pcltool.runtime.ort import read_metadata
 from pcltool.stages.bench_plot import plot
-from pcltool.stages.build import (
-    FLOAT_FORMAT,
-    load_run_data,
-    resolve_export,
-    split_arrays,
-)
+from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
 
 BENCH_JSON, BENCH_CSV, BENCH_PNG = "bench.json", "bench.csv", "bench.png"
 ENGINE_CHOICES = ("torch", "torch-compile", "ort", "trt", "openvino", "all")
@@ -236,11 +231,7 @@ def _trt_variants(run, candidate, deployed, device, params, flops) -> list[Varia
 
 
 def _openvino_variants(run, candidate, deployed, device, threads, params, flops) -> list[Variant]:
-    from pcltool.runtime.openvino import (
-        INSTALL_HINT,
-        OpenVinoEngine,
-        openvino_available,
-    )
+    from pcltool.runtime.openvino import INSTALL_HINT, OpenVinoEngine, openvino_available
 
     built = _built(run, "openvino", candidate)
     if not built:
@@ -459,13 +450,7 @@ class _NoProgress:
 
 class _Progress:
     def __init__(self, console, total: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.description}"), console=console, transient=True)

@@ -20,12 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcltool.errors import (
-    BackendUnavailableError,
-    MissingArtifactError,
-    UsageError,
-    VerificationError,
-)
+from pcltool.errors import BackendUnavailableError, MissingArtifactError, UsageError, VerificationError
 from pcltool.manifest import RunDir
 
 ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "int8"), "openvino": ("fp32", "int8")}
