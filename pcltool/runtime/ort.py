@@ -230,13 +230,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, settings: Int8S
     """Static INT8 quantisation of ``src`` into ``dst``, calibrated on ``calibration`` (float32 NCHW, normalised)."""
     import tempfile
 
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
