@@ -6,6 +6,7 @@ so that ``pcltool --help`` answers instantly); this module only assembles them, 
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Annotated
 
@@ -24,16 +25,28 @@ app = typer.Typer(
 )
 deploy_app = typer.Typer(help="Write deployment bundles (Triton model repository).", no_args_is_help=True)
 
-app.command()(train_cmds.train)
-app.command()(model_cmds.select)
-app.command()(model_cmds.prune)
-app.command()(model_cmds.export)
-app.command()(engine_cmds.build)
-app.command()(engine_cmds.bench)
-app.command("run")(engine_cmds.run_pipeline)
-app.command()(run_cmds.status)
-app.command("bench-train")(train_cmds.bench_train)
-deploy_app.command("triton")(engine_cmds.triton)
+
+
+def one_paragraph_per_block(doc: str | None) -> str:
+    """A docstring with its hard line breaks joined: typer keeps them in the command list, where they would wrap
+    mid-sentence; blank lines still separate paragraphs."""
+    return "\n\n".join(" ".join(block.split()) for block in inspect.cleandoc(doc or "").split("\n\n"))
+
+
+def _add(group: typer.Typer, fn, name: str | None = None) -> None:
+    group.command(name, help=one_paragraph_per_block(fn.__doc__))(fn)
+
+
+_add(app, train_cmds.train)
+_add(app, model_cmds.select)
+_add(app, model_cmds.prune)
+_add(app, model_cmds.export)
+_add(app, engine_cmds.build)
+_add(app, engine_cmds.bench)
+_add(app, engine_cmds.run_pipeline, "run")
+_add(app, run_cmds.status)
+_add(app, train_cmds.bench_train, "bench-train")
+_add(deploy_app, engine_cmds.triton, "triton")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(recipe_cmds.recipe_app, name="recipe")
 

@@ -53,6 +53,16 @@ def test_help_shows_no_bool_metavar_and_unbroken_description(path, cmd):
                                               if " ".join(first.split()[:4]) in line)
 
 
+@pytest.mark.parametrize("path,group", [(p, c) for p, c in COMMANDS if hasattr(c, "commands")],
+                         ids=[" ".join(p) or "pcltool" for p, c in COMMANDS if hasattr(c, "commands")])
+def test_command_list_shows_each_description_unbroken(path, group):
+    result = CliRunner().invoke(app, [*path, "--help"], env=WIDE)
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
+    for name, cmd in group.commands.items():
+        first = " ".join(inspect.cleandoc(cmd.help or "").split("\n\n")[0].split())
+        assert any(line.startswith(name) and first in line for line in lines), f"{name}: {first!r} is broken"
+
+
 @pytest.mark.parametrize("path,cmd", COMMANDS, ids=[" ".join(p) or "pcltool" for p, _ in COMMANDS])
 def test_boolean_options_are_flags(path, cmd):
     for param in cmd.params:
@@ -134,3 +144,12 @@ def test_command_modules_form_a_tree():
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert len(modules) >= 5
+
+
+def test_status_prints_counts_as_integers():
+    from pcltool.stages.show import _short_metrics
+
+    text = _short_metrics({"verification": {"images": 144, "top1": 98.6111, "finite": True, "max_abs_diff": 1.5e-5},
+                           "variants": 6})
+    assert "images 144," in text and "finite yes" in text and "top1 98.61" in text and "variants=6" in text
+    assert "144.00" not in text and "1.00" not in text
