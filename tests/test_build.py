@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import pytest
 from typer.testing import CliRunner
 
@@ -122,7 +123,9 @@ def test_engine_files_say_whether_they_are_portable(int8_template):
 
     data = load_run_data(run, read_metadata(int8))
     images = split_arrays(data, data.val)[0][0][:8]
-    reference = ReferenceEvaluator(str(int8)).run(None, {"images": images})[0]
+    # this onnx release's reference evaluator implements DequantizeLinear from opset 19: convert, as any tool may
+    reference = ReferenceEvaluator(onnx.version_converter.convert_version(onnx.load(str(int8)), 21)).run(
+        None, {"images": images})[0]
     ort = OrtEngine(int8, precision="int8").predict(images)
     assert (reference.argmax(1) == ort.argmax(1)).mean() >= 0.75  # integer kernels round differently at a tie
     assert np.abs(reference - ort).max() <= 0.25 * max(1.0, np.abs(ort).max())
