@@ -13,7 +13,7 @@ def bench_table(doc: dict):
     peak = hw.get("peak_fp32", {}).get("measured")
     gpu = (hw.get("gpu") or {}).get("name")
     title = (f"{doc['candidate']} · {hw['cpu'].get('model')} ({hw['cpu'].get('usable_cpus')} CPUs)"
-             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} threads"
+             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} thread{'' if doc['settings']['threads'] == 1 else 's'}"
              + (f" · peak {peak['gflops']:.0f} GFLOP/s (sgemm" + _after(hw["peak_fp32"]) + ")" if peak else ""))
     table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"top-1{' / top-5' if doc['variants'] and doc['variants'][0].get('top5') is not None else ''}"
@@ -57,7 +57,7 @@ def print_table(console, doc: dict) -> None:
 
 
 def _after(peak: dict) -> str:
-    """ ", before/after 180/175" — both peak measurements, flagged when they disagree."""
+    """``; before/after 180/175``: both peak measurements, flagged when they disagree."""
     if "measured_after" not in peak:
         return ""
     before, after = peak["measured"].get("gflops_before"), peak["measured_after"]["gflops"]
