@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from pcltool.commands import engine_cmds, model_cmds, recipe_cmds, run_cmds, train_cmds
+from pcltool.commands import compare_cmds, engine_cmds, model_cmds, recipe_cmds, run_cmds, train_cmds
 
 app = typer.Typer(
     name="pcltool",
@@ -46,6 +46,7 @@ _add(app, engine_cmds.bench)
 _add(app, engine_cmds.run_pipeline, "run")
 _add(app, run_cmds.status)
 _add(app, train_cmds.bench_train, "bench-train")
+_add(app, compare_cmds.compare)
 _add(deploy_app, engine_cmds.triton, "triton")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(recipe_cmds.recipe_app, name="recipe")
