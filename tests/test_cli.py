@@ -16,7 +16,7 @@ from pcltool.cli import app
 from pcltool.recipe_keys import recipe_keys
 from tests.conftest import QUICKSTART, ROOT
 
-WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
+WIDE = {"COLUMNS": "2000", "TERMINAL_WIDTH": "2000"}  # wide enough that only a hard line break wraps
 
 
 def _commands() -> list[tuple[list[str], object]]:
