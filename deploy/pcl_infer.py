@@ -191,7 +191,7 @@ class TensorRTModel:
 # --- the command --------------------------------------------------------------------------------------------------
 def load_model(path: str | Path):
     path = Path(path)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" or path.name.endswith(".onnx.ort-only"):  # .ort-only: ONNX Runtime's own operators
         return OnnxModel(path)
     if path.suffix in (".plan", ".engine", ".trt"):
         return TensorRTModel(path)

@@ -233,3 +233,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data.setdefault("name", path.stem)
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, source=str(path))
+
+
+# One-line meanings of the keys whose Field above states none; `pcltool recipe keys` prints every key's meaning.
+_MEANINGS = {
+    Recipe: {"name": "run name: runs/<name>[-N] (default: the recipe file's stem)",
+             "seed": "random seed of initialisation, augmentation and sample order",
+             "device": "where to train: auto (CUDA when available), cpu or cuda"},
+    DataConfig: {"dataset": "which dataset to load",
+                 "val_seed": "seed of the draw that carves the validation split from train",
+                 "augment": "augmentation of each peer's view of a training image"},
+    ModelConfig: {"backbone": "the target network; PCL builds its multi-branch network from it"},
+    PCLConfig: {"enabled": "train with PCL (false: the plain backbone with cross-entropy only, the baseline)",
+                "temperature": "distillation temperature T",
+                "ema_decay": "decay of the temporal mean (mean teachers) of the peers' weights",
+                "kd_ensemble_weight": "weight of the ensemble -> peer distillation term",
+                "kd_mean_weight": "weight of the mean teachers -> peer distillation term"},
+    TrainConfig: {"epochs": "training epochs",
+                  "lr": "initial learning rate (for the global batch)",
+                  "momentum": "SGD momentum",
+                  "nesterov": "Nesterov momentum",
+                  "weight_decay": "L2 weight decay",
+                  "schedule": "learning-rate schedule after warm-up",
+                  "milestones": "multistep: epochs at which the learning rate is multiplied by gamma",
+                  "gamma": "multistep: learning-rate factor at each milestone",
+                  "warmup_epochs": "linear learning-rate warm-up from 0 (fractions allowed)",
+                  "checkpoint_best": "also keep checkpoints/best.pt (best validation top-1)"},
+}
+for _section, _meanings in _MEANINGS.items():
+    for _key, _text in _meanings.items():
+        if not _section.model_fields[_key].description:
+            _section.model_fields[_key].description = _text

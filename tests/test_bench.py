@@ -110,7 +110,7 @@ def test_median_ci_and_pareto_front():
 
 def test_parsing_bench_options():
     assert parse_batches("1,8,64") == (1, 8, 64)
-    assert parse_engines("all") == ("torch", "torch-compile", "ort", "trt")
+    assert parse_engines("all") == ("torch", "torch-compile", "ort", "trt", "openvino")
     for bad in ("0,1", "x", ""):
         with pytest.raises(UsageError):
             parse_batches(bad)
@@ -161,3 +161,66 @@ def test_pipeline_runs_missing_stages_and_skips_fresh_ones(trained_run):
     assert result.exit_code == 0, result.output
     assert "bench: up to date" in result.output and "ort/cpu int8" in result.output
     assert run.read()["stages"] == after
+
+
+def _doc(threads: int, top1: dict[str, float]) -> dict:
+    """A bench.json document with one variant per entry of ``top1`` at batch 1 and 64."""
+    variants = [{"key": k, "model": "m", "role": "deployed", "backend": k.split()[0], "provider": "",
+                 "precision": k.split()[1], "status": "ok", "top1": acc} for k, acc in top1.items()]
+    results = [{"variant": k, "batch": b, "p50_ms": (i + 1) * b ** 0.5} for i, k in enumerate(top1) for b in (1, 64)]
+    return {"candidate": "mean1", "split": "test", "settings": {"threads": threads},
+            "hardware": {"cpu": {"model": "x86 CPU"}, "gpu": None}, "variants": variants, "results": results}
+
+
+def test_plot_axes_title_and_dodge(tmp_path):
+    from pcltool.stages.bench_plot import accuracy_limits, dodge, log_ticks, plot, title
+
+    assert title(_doc(1, {})).endswith("1 thread") and title(_doc(2, {})).endswith("2 threads")
+    assert accuracy_limits([99.2, 99.4]) == pytest.approx((98.2, 100.0))  # zoomed, never past 100
+    assert accuracy_limits([3.0, 60.0]) == pytest.approx((0.0, 68.55))
+    for lo, hi in ((0.02, 5.0), (0.3, 0.5), (1.0, 1e5), (40.0, 90.0)):
+        ticks = log_ticks(lo, hi)
+        assert len(ticks) >= 3 and all(lo <= t <= hi for t in ticks)
+    offsets = dodge({"a": {"top1": 99.0}, "b": {"top1": 99.0}, "c": {"top1": 97.0}})
+    assert offsets["c"] == 0 and offsets["a"] == -offsets["b"] != 0  # ties spread symmetrically, others stay
+    plot(_doc(1, {"ort fp32": 99.0, "ort int8": 99.0, "torch fp32": 98.0}), tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floor_is_flagged_below_one_or_when_the_peak_moved(monkeypatch):
+    from pcltool.runtime import hardware
+    from pcltool.stages import bench
+    from pcltool.stages.bench_table import bench_table
+
+    def files(before: float, p50: float):
+        v = bench.Variant("m", "deployed", "ort", "fp32", "cpu", None, params=1, flops=10**9)
+        v.status, v.top1, v.size_bytes = "ok", 90.0, 10**6
+        v.results = [{"batch": 1, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50, "throughput": 1e3 / p50, "cv": 0.01,
+                      "stable": True, "flop_floor_ms": 1.0, "x_floor": p50}]
+        f = bench.BenchFiles.__new__(bench.BenchFiles)
+        f.variants = [v]
+        f.header = {"candidate": "m", "settings": {"threads": 2}, "split": "test",
+                    "hardware": {"cpu": {"model": "cpu", "usable_cpus": 2}, "peak_fp32": {"measured": {"gflops": before}}}}
+        return f
+
+    monkeypatch.setattr(hardware, "measure_peak_fp32", lambda threads: {"gflops": 100.0})
+    steady = files(before=95.0, p50=20.0)  # 1 GFLOP at 100 GFLOP/s: floor 10 ms, 2x: trustworthy
+    bench._floor_after(steady, {"threads": 2})
+    r, peak = steady.variants[0].results[0], steady.header["hardware"]["peak_fp32"]
+    assert peak["stable"] and peak["measured"]["gflops"] == 100.0 and peak["measured"]["gflops_before"] == 95.0
+    assert r["x_floor"] == pytest.approx(2.0) and not r["x_floor_suspect"]
+    fast = files(before=95.0, p50=5.0)  # faster than the floor: flagged
+    bench._floor_after(fast, {"threads": 2})
+    assert fast.variants[0].results[0]["x_floor_suspect"]
+    moved = files(before=60.0, p50=20.0)  # the two peaks 40 % apart: flagged although above 1
+    bench._floor_after(moved, {"threads": 2})
+    assert not moved.header["hardware"]["peak_fp32"]["stable"] and moved.variants[0].results[0]["x_floor_suspect"]
+
+    from rich.console import Console
+
+    doc = {**fast.header, "variants": [v.summary() for v in fast.variants],
+           "results": [{"variant": v.key, **r} for v in fast.variants for r in v.results]}
+    out = Console(width=250, record=True)
+    out.print(bench_table(doc))
+    text = out.export_text()
+    assert "0.50 !" in text and "below 1" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import pytest
 from typer.testing import CliRunner
 
@@ -84,7 +85,7 @@ def test_ort_fp32_and_int8_engines_are_verified_and_recorded(int8_template):
     run = RunDir.open(int8_template)
     fp32 = run.require(f"build:ort-fp32:{CANDIDATE}")
     engine = run.artifact(f"build:ort-fp32:{CANDIDATE}", "engine")
-    assert engine.name == f"{CANDIDATE}.ort-fp32.onnx" and engine.parent.name == "engines"
+    assert engine.name == f"{CANDIDATE}.ort-fp32.onnx.ort-only" and engine.parent.name == "engines"
     assert fp32["inputs"]["onnx"]["sha256"] == run.require(f"export:{CANDIDATE}")["outputs"]["onnx"]["sha256"]
     v = fp32["metrics"]["verification"]
     assert v["images"] > 100 and v["top1_agreement"] == 100.0 and v["max_abs_diff"] < 1e-3
@@ -101,6 +102,33 @@ def test_ort_fp32_and_int8_engines_are_verified_and_recorded(int8_template):
     assert -v["top1_change"] <= 1.0 and v["top1_agreement"] > 90.0
     ops = {n.op_type for n in onnx.load(str(run.artifact(f"build:ort-int8:{CANDIDATE}", "engine"))).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_engine_files_say_whether_they_are_portable(int8_template):
+    """The ORT-optimised FP32 model uses ONNX Runtime's own operators: named *.onnx.ort-only, portable=false. The
+    INT8 Q/DQ model is standard ONNX: a plain ONNX implementation (onnx's reference evaluator) runs it and agrees
+    with ONNX Runtime."""
+    from onnx.reference import ReferenceEvaluator
+
+    from pcltool.runtime.ort import OrtEngine, is_portable, read_metadata
+    from pcltool.stages.build import load_run_data
+
+    run = RunDir.open(int8_template)
+    fp32 = run.artifact(f"build:ort-fp32:{CANDIDATE}", "engine")
+    int8 = run.artifact(f"build:ort-int8:{CANDIDATE}", "engine")
+    assert read_metadata(fp32)["portable"] == "false" and not is_portable(fp32)
+    assert any(n.domain == "com.microsoft" for n in onnx.load(str(fp32)).graph.node)
+    assert int8.name == f"{CANDIDATE}.ort-int8.onnx" and read_metadata(int8)["portable"] == "true"
+    assert is_portable(int8) and is_portable(run.artifact(f"export:{CANDIDATE}", "onnx"))
+
+    data = load_run_data(run, read_metadata(int8))
+    images = split_arrays(data, data.val)[0][0][:8]
+    # this onnx release's reference evaluator implements DequantizeLinear from opset 19: convert, as any tool may
+    reference = ReferenceEvaluator(onnx.version_converter.convert_version(onnx.load(str(int8)), 21)).run(
+        None, {"images": images})[0]
+    ort = OrtEngine(int8, precision="int8").predict(images)
+    assert (reference.argmax(1) == ort.argmax(1)).mean() >= 0.75  # integer kernels round differently at a tie
+    assert np.abs(reference - ort).max() <= 0.25 * max(1.0, np.abs(ort).max())
 
 
 def test_calibration_hash_is_reproducible(exported_run):

@@ -48,13 +48,13 @@ def _deploy(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.mark.parametrize("engine", ["export", "ort-int8"])
+@pytest.mark.parametrize("engine", ["export", "ort-int8", "ort-fp32"])  # ort-fp32: the *.onnx.ort-only file
 def test_deploy_classifies_a_folder_like_pcltool(built_run, tmp_path, engine):
     from pcltool.runtime.ort import OrtEngine
 
     run = RunDir.open(built_run)
     model = (run.artifact(f"export:{CANDIDATE}", "onnx") if engine == "export"
-             else run.artifact(f"build:ort-int8:{CANDIDATE}", "engine"))
+             else run.artifact(f"build:{engine}:{CANDIDATE}", "engine"))
     files, _ = _image_folder(built_run, tmp_path / "images")
     result = _deploy(str(model), str(tmp_path / "images"), "--json", "--top-k", "3", "--batch", "5")
     assert result.returncode == 0, result.stderr

@@ -24,8 +24,9 @@ CalibOpt = Annotated[int, typer.Option("--calib-images", help="int8: training im
 @handle_errors
 def build(
     run: RunArg = None,
-    engine: Annotated[str, typer.Option("--engine", help="ort (ONNX Runtime) or trt (TensorRT)")] = "ort",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, int8, or fp16 (GPU execution)")] = "fp32",
+    engine: Annotated[str, typer.Option("--engine", help="ort (ONNX Runtime), trt (TensorRT) or openvino "
+                                                         "(OpenVINO, optional: pip install 'pcltool[openvino]')")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, int8, or fp16 (GPU execution; ort and trt)")] = "fp32",
     batch: Annotated[str, typer.Option("--batch", help="optimisation profile MIN,OPT,MAX (TensorRT; also Triton's "
                                                        "max batch)")] = "1,64,256",
     calib_images: CalibOpt = 512,
@@ -53,7 +54,8 @@ def build(
 @handle_errors
 def bench(
     run: RunArg = None,
-    engine: Annotated[str, typer.Option("--engine", help="torch, torch-compile, ort, trt or all (comma-separated); "
+    engine: Annotated[str, typer.Option("--engine", help="torch, torch-compile, ort, trt, openvino or all "
+                                                         "(comma-separated); "
                                                          "all adds torch.compile")] = "torch,ort,trt",
     batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma-separated")] = "1,8,64,256",
     device: Annotated[Device, typer.Option("--device", help="where to run")] = Device.auto,
@@ -79,8 +81,9 @@ def bench(
 def run_pipeline(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/quickstart.toml")],
     set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.epochs=10 (repeatable)")] = [],  # noqa: B006
-    run: Annotated[Optional[Path], typer.Option("--run", help="run directory (default: continue the newest run of "
-                                                              "this recipe, or start runs/<name>[-N])")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run-dir", "--run", help="run directory (default: continue the "
+                                                                         "newest run of this recipe, or start "
+                                                                         "runs/<name>[-N])")] = None,
     peer: Annotated[str, typer.Option("--peer", help="which candidate to deploy (as `pcltool export --peer`)")] = "mean",
     engine: Annotated[str, typer.Option("--engine", help="bench engines (as `pcltool bench --engine`)")] = "torch,ort",
     batch: Annotated[str, typer.Option("--batch", help="bench batch sizes")] = "1,8,64,256",

@@ -74,7 +74,9 @@ def bench_train(
 def train(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML file, e.g. recipes/cifar10.toml")],
     set_: Annotated[list[str], typer.Option("--set", help="override a recipe value: --set train.epochs=10 (repeatable)")] = [],  # noqa: B006
-    run: Annotated[Optional[Path], typer.Option("--run", help="run directory (default: runs/<recipe name>[-N])")] = None,
+    run: Annotated[Optional[Path], typer.Option(
+        "--run-dir", "--run", help="run directory (default: runs/<recipe name>[-N]); under torchrun write --run-dir "
+                                   "(torchrun's parser takes --run for its own --run-path)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run (default: the most recent run)")] = False,
     device: Annotated[Device, typer.Option("--device", help="where to train")] = Device.auto,
     seed: Annotated[Optional[int], typer.Option("--seed", help="random seed (same as --set seed=N)")] = None,

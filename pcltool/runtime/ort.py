@@ -182,6 +182,42 @@ def optimize(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), session_options(level="extended", optimized_path=dst), providers=[PROVIDERS["cpu"]])
 
 
+PORTABLE_KEY = META_PREFIX + "portable"
+ORT_ONLY_SUFFIX = ".ort-only"  # appended to a model that only ONNX Runtime can load: mean1.ort-fp32.onnx.ort-only
+
+
+def is_portable(path: Path) -> bool:
+    """Whether any ONNX runtime can load the model: it passes ``onnx.checker`` and every node is a standard ONNX
+    operator (domain ``ai.onnx``). ONNX Runtime's saved graph optimisations add ``com.microsoft`` operators
+    (``FusedConv``...) that only ONNX Runtime implements; the INT8 Q/DQ model keeps standard operators."""
+    import onnx
+
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError:
+        return False
+    return all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+
+
+def label_portability(path: Path) -> Path:
+    """Record ``pcltool.portable`` in the model's metadata; a model that loads only in ONNX Runtime is renamed
+    ``<name>.onnx.ort-only`` so no tool takes it for a portable ``.onnx`` file. Returns the (new) path."""
+    import onnx
+
+    portable = is_portable(path)
+    model = onnx.load(str(path))
+    for prop in list(model.metadata_props):
+        if prop.key == PORTABLE_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=PORTABLE_KEY, value="true" if portable else "false")
+    dst = path if portable else path.with_name(path.name + ORT_ONLY_SUFFIX)
+    onnx.save(model, str(dst))
+    if dst != path:
+        path.unlink()
+    return dst
+
+
 def calibration_hash(images: np.ndarray) -> str:
     """sha256 of the calibration set as the uint8 images it was drawn from (shape included)."""
     h = hashlib.sha256(str(images.shape).encode())

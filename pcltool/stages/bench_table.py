@@ -13,12 +13,15 @@ def bench_table(doc: dict):
     peak = hw.get("peak_fp32", {}).get("measured")
     gpu = (hw.get("gpu") or {}).get("name")
     title = (f"{doc['candidate']} · {hw['cpu'].get('model')} ({hw['cpu'].get('usable_cpus')} CPUs)"
-             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} threads"
-             + (f" · peak {peak['gflops']:.0f} GFLOP/s (sgemm)" if peak else ""))
+             + (f" · {gpu}" if gpu else "") + f" · {doc['settings']['threads']} thread{'' if doc['settings']['threads'] == 1 else 's'}"
+             + (f" · peak {peak['gflops']:.0f} GFLOP/s (sgemm" + _after(hw["peak_fp32"]) + ")" if peak else ""))
     table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"top-1{' / top-5' if doc['variants'] and doc['variants'][0].get('top5') is not None else ''}"
                           f" on the {doc.get('split', 'test')} split · latency per batch · CV: coefficient of "
-                          "variation (! = median not stable) · x floor: p50 / (FLOPs / peak)")
+                          "variation (! = median not stable) · x floor: p50 / (FLOPs / peak FP32 rate, the higher "
+                          "of two sgemm measurements, before and after the bench); ! = below 1 (faster than the "
+                          "measured peak, so the peak was measured under load) or the two peak measurements "
+                          "differ by more than 15 %: not a trustworthy distance from the floor")
     for col in ("model", "engine", "MB", "top-1", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "CV", "x floor"):
         table.add_column(col, justify="left" if col in ("model", "engine") else "right")
     results: dict[str, list[dict]] = {}
@@ -40,7 +43,8 @@ def bench_table(doc: dict):
                 continue
             cv = f"{100 * r['cv']:.1f}%" + ("" if r["stable"] else " [yellow]![/]")
             table.add_row(*cells, str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                          f"{r['throughput']:.0f}", cv, _fmt(r.get("x_floor"), ".2f"))
+                          f"{r['throughput']:.0f}", cv,
+                          _fmt(r.get("x_floor"), ".2f") + (" [yellow]![/]" if r.get("x_floor_suspect") else ""))
         table.add_section()
     return table
 
@@ -50,6 +54,14 @@ def print_table(console, doc: dict) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 160)
     console.print(bench_table(doc))
+
+
+def _after(peak: dict) -> str:
+    """``; before/after 180/175``: both peak measurements, flagged when they disagree."""
+    if "measured_after" not in peak:
+        return ""
+    before, after = peak["measured"].get("gflops_before"), peak["measured_after"]["gflops"]
+    return f"; before/after {before:.0f}/{after:.0f}" + ("" if peak.get("stable") else " [yellow]![/]")
 
 
 def _fmt(x, spec: str) -> str:

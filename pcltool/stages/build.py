@@ -2,8 +2,11 @@
 
 Engines: ONNX Runtime (fp32: graph optimisations applied and saved; int8: static Q/DQ quantisation calibrated on
 training images; fp16: for the CUDA execution provider) and TensorRT (a serialized engine with one optimisation
-profile, strongly typed from the fp32 / FP16 / INT8 Q/DQ ONNX). Every engine is compared with the FP32 ONNX model
-on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
+profile, strongly typed from the fp32 / FP16 / INT8 Q/DQ ONNX) and, where installed, OpenVINO (IR of the fp32
+model or of the same INT8 Q/DQ model). An ONNX Runtime engine that only ONNX Runtime can load (the saved graph
+optimisations add ``com.microsoft`` operators) is named ``*.onnx.ort-only`` and carries ``pcltool.portable =
+false``; the INT8 and FP16 models keep standard operators, ``.onnx`` and ``pcltool.portable = true``. Every
+engine is compared with the FP32 ONNX model on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
 whose top-1 drops more than ``max_top1_drop`` points fails the build, and then nothing is written.
 """
 
@@ -20,7 +23,7 @@ import torch
 from pcltool.errors import BackendUnavailableError, MissingArtifactError, UsageError, VerificationError
 from pcltool.manifest import RunDir
 
-ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "int8")}
+ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "int8"), "openvino": ("fp32", "int8")}
 ENGINE_DIR = "engines"
 TIMING_CACHE = "trt-timing.cache"
 DEFAULT_BATCH = (1, 64, 256)
@@ -169,6 +172,10 @@ def _check_backend(engine: str, precision: str) -> None:
         from pcltool.runtime.tensorrt import import_tensorrt
 
         import_tensorrt()
+    elif engine == "openvino":
+        from pcltool.runtime.openvino import import_openvino
+
+        import_openvino()
     elif precision == "fp16":
         from pcltool.runtime.ort import PROVIDERS, available_providers
 
@@ -223,7 +230,7 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
     params = {"engine": engine, "precision": precision, "candidate": candidate, "batch": list(batch),
               "max_top1_drop": max_top1_drop}
     if precision == "int8":
-        settings = ort_rt.CPU_INT8 if engine == "ort" else ort_rt.TRT_INT8
+        settings = ort_rt.TRT_INT8 if engine == "trt" else ort_rt.CPU_INT8
         params.update(calib_images=calib_images, calib_method=calib_method, quantization=settings.as_dict())
     if engine == "trt":
         params.update(hardware_compat=hardware_compat, trt_flags=trt_flags, workspace_gib=workspace_gib)
@@ -245,6 +252,11 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
                 built = _build_ort(onnx_path, tmp, stem, precision, calib, calib_method)
                 device = "cuda" if precision == "fp16" else "cpu"
                 candidate_engine = ort_rt.OrtEngine(built["engine"], device=device, precision=precision, threads=threads)
+            elif engine == "openvino":
+                from pcltool.runtime.openvino import OpenVinoEngine
+
+                built = _build_openvino(onnx_path, tmp, stem, precision, calib, calib_method)
+                candidate_engine = OpenVinoEngine(built["engine"], precision, threads)
             else:
                 built, fingerprint = _build_trt(run, onnx_path, tmp, stem, precision, calib, calib_method, batch,
                                                 hardware_compat, trt_flags, workspace_gib, meta)
@@ -261,7 +273,7 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
                 candidate_engine.close()
             run.record_metrics(key, metrics)  # kept in the manifest when the gate fails
             gate(metrics["verification"], precision, max_top1_drop, float(np.abs(reference).max()))
-            metrics["engine_bytes"] = built["engine"].stat().st_size
+            metrics["engine_bytes"] = sum(built[k].stat().st_size for k in ("engine", "weights") if k in built)
             outputs = {}
             for name, path in built.items():
                 final = out_dir / path.name
@@ -285,7 +297,22 @@ def _build_ort(onnx_path: Path, tmp: Path, stem: str, precision: str, calib, cal
         ort_rt.quantize_int8(onnx_path, engine, calib, ort_rt.CPU_INT8, calib_method)
     else:
         ort_rt.to_fp16(onnx_path, engine)
-    return {"engine": engine}
+    return {"engine": ort_rt.label_portability(engine)}
+
+
+def _build_openvino(onnx_path: Path, tmp: Path, stem: str, precision: str, calib, calib_method: str) -> dict[str, Path]:
+    """OpenVINO IR (``.xml`` + ``.bin``) of the FP32 model, or of the same INT8 Q/DQ model the ORT build makes."""
+    from pcltool.runtime import ort as ort_rt
+    from pcltool.runtime.openvino import convert
+
+    source = onnx_path
+    if precision == "int8":
+        source = tmp / f"{stem}.qdq.onnx"
+        ort_rt.quantize_int8(onnx_path, source, calib, ort_rt.CPU_INT8, calib_method)
+    built = convert(source, tmp / f"{stem}.xml")
+    if source != onnx_path:
+        source.unlink()
+    return built
 
 
 def _build_trt(run: RunDir, onnx_path: Path, tmp: Path, stem: str, precision: str, calib, calib_method: str,
@@ -318,9 +345,10 @@ def run_triton(run: RunDir, out: Path, engine: str = "ort", precision: str = "fp
     from pcltool.runtime import triton
     from pcltool.runtime.ort import read_metadata
 
-    if engine not in ENGINE_PRECISIONS or precision not in ENGINE_PRECISIONS[engine]:
+    allowed = {e: p for e, p in ENGINE_PRECISIONS.items() if e != "openvino"}  # Triton's onnxruntime/tensorrt
+    if engine not in allowed or precision not in allowed[engine]:
         raise UsageError(f"--engine {engine} --precision {precision}: allowed engines "
-                         + "; ".join(f"{e} ({', '.join(p)})" for e, p in ENGINE_PRECISIONS.items()))
+                         + "; ".join(f"{e} ({', '.join(p)})" for e, p in allowed.items()))
     candidate, onnx_path = resolve_export(run, peer)
     key = f"build:{engine}-{precision}:{candidate}"
     record = run.stage(key)

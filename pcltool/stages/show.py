@@ -5,15 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _number(value) -> str:
+    """Counts as integers, flags as yes/no, measurements with four significant digits."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
 def _short_metrics(metrics: dict) -> str:
     parts = []
     for key, value in metrics.items():
-        if isinstance(value, float):
+        if isinstance(value, bool):
+            parts.append(f"{key}={_number(value)}")
+        elif isinstance(value, float):
             parts.append(f"{key}={value:.4g}")
         elif isinstance(value, (int, str)):
             parts.append(f"{key}={value}")
         elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()) and len(value) <= 8:
-            inner = ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+            inner = ", ".join(f"{k} {_number(v)}" for k, v in value.items())
             parts.append(f"{key}: {inner}")
     return "\n".join(parts)
 
