@@ -16,8 +16,11 @@ PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candida
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch and ONNX Runtime "
                                                                      "(default: PyTorch's, the physical cores)")]
 MaxDropOpt = Annotated[float, typer.Option("--max-top1-drop", help="fail a reduced-precision engine whose top-1 on the "
-                                                                   "validation split drops more than this many points "
-                                                                   "below the FP32 ONNX model's")]
+                                                                   "validation split moves more than this many points "
+                                                                   "from the FP32 ONNX model's (either direction)")]
+MinAgreeOpt = Annotated[float, typer.Option("--min-agreement", help="fail an engine whose top-1 class is the FP32 ONNX "
+                                                                    "model's on fewer than this % of validation "
+                                                                    "images")]
 CalibOpt = Annotated[int, typer.Option("--calib-images", help="int8: training images to calibrate on")]
 
 
@@ -32,6 +35,7 @@ def build(
     calib_method: Annotated[str, typer.Option("--calib-method", help="int8 calibration: minmax, entropy or "
                                                                      "percentile")] = "minmax",
     max_top1_drop: MaxDropOpt = 1.0,
+    min_agreement: MinAgreeOpt = 95.0,
     peer: PeerOpt = None,
     threads: ThreadsOpt = None,
     hardware_compat: Annotated[str, typer.Option("--hardware-compat", help="TensorRT: none (this GPU), ampere+ or "
@@ -47,7 +51,7 @@ def build(
     from pcltool.stages.build import run_build
 
     run_build(open_run(run, runs_dir), engine, precision, peer, batch, calib_images, calib_method, max_top1_drop,
-              threads, hardware_compat, trt_flags, workspace_gib, console=console())
+              threads, hardware_compat, trt_flags, workspace_gib, console=console(), min_agreement=min_agreement)
 
 
 @handle_errors

@@ -66,6 +66,9 @@ def write_repository(out: Path, name: str, engine: str, model_file: Path, meta: 
     if not name.replace("_", "").replace("-", "").isalnum():
         raise UsageError(f"--name {name!r}: use letters, digits, '_' and '-' only")
     target = Path(out) / name
+    for folder in (Path(out), *Path(out).parents):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, not a folder; choose another OUT for the model repository")
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force to replace it")
     size = meta.get("input_size")
