@@ -24,15 +24,48 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def escape(text) -> str:
+    """``text`` (a path, a name) made safe to print through rich: ``[x]`` is shown, not taken as markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (schedulers, ``docker stop``, ``kill``) ends a command the way Ctrl-C does: the running stage is
+    recorded as interrupted and the run directory keeps what had finished."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def handle_errors(fn):
     """Turn pcltool's typed errors into a one-paragraph message and the error's exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import errno
+
         from pcltool.errors import PcltoolError
 
+        _sigterm_as_interrupt()
         try:
             return fn(*args, **kwargs)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from rich.markup import escape
+
+            where = f" writing {err.filename}" if err.filename else ""
+            console(stderr=True).print(f"[bold red]error:[/] no space left on the device{escape(where)}; free some "
+                                       "space and run the command again (`pcltool train --resume` continues a "
+                                       "training run)", markup=True, soft_wrap=True)
+            raise typer.Exit(code=1) from None
         except PcltoolError as err:
             from rich.markup import escape
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, handle_errors, open_run
+from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, escape, handle_errors, open_run
 
 PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candidate to use (default: the run's only "
                                                                  "export), e.g. mean2")]
@@ -76,7 +76,8 @@ def bench(
     rd = open_run(run, runs_dir)
     doc = run_bench(rd, engine, batch, device.value, threads, peer, max_seconds, console=out)
     print_table(out, doc)
-    out.print(f"results: {rd.path / 'bench.json'}, {rd.path / 'bench.csv'}\nplot:    {rd.path / 'bench.png'}")
+    out.print(f"results: {escape(rd.path / 'bench.json')}, {escape(rd.path / 'bench.csv')}\n"
+              f"plot:    {escape(rd.path / 'bench.png')}")
 
 
 @handle_errors
@@ -91,6 +92,7 @@ def run_pipeline(
     device: Annotated[Device, typer.Option("--device", help="bench device")] = Device.auto,
     calib_images: CalibOpt = 512,
     max_top1_drop: MaxDropOpt = 1.0,
+    min_agreement: MinAgreeOpt = 95.0,
 ):
     """Run the whole pipeline — train, select, prune, export, build (ONNX Runtime fp32 + int8), bench — skipping
     every stage whose inputs and outputs are unchanged in the manifest."""
@@ -100,7 +102,7 @@ def run_pipeline(
 
     cfg = load_recipe(recipe, list(set_))
     pipeline(cfg, run, peer, parse_engines(engine), parse_batches(batch), device.value, calib_images, max_top1_drop,
-             console=console())
+             console=console(), min_agreement=min_agreement)
 
 
 @handle_errors
@@ -120,4 +122,4 @@ def triton(
     from pcltool.stages.build import run_triton
 
     target = run_triton(open_run(run), out, engine, precision, peer, name, max_batch, instances, force)
-    console().print(f"Triton model repository: {target}  (tritonserver --model-repository {out})")
+    console().print(f"Triton model repository: {escape(target)}  (tritonserver --model-repository {escape(out)})")

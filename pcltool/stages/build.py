@@ -352,6 +352,11 @@ def run_triton(run: RunDir, out: Path, engine: str = "ort", precision: str = "fp
     from pcltool.runtime import triton
     from pcltool.runtime.ort import read_metadata
 
+    if max_batch is not None and not 1 <= max_batch <= MAX_BATCH:
+        raise UsageError(f"--max-batch {max_batch}: expected a batch size from 1 to {MAX_BATCH}")
+    if not 1 <= instances <= 64:
+        raise UsageError(f"--instances {instances}: expected 1 to 64 model instances")
+    triton.check_output_folder(out)
     if engine not in ENGINE_PRECISIONS or precision not in ENGINE_PRECISIONS[engine]:
         raise UsageError(f"--engine {engine} --precision {precision}: allowed engines "
                          + "; ".join(f"{e} ({', '.join(p)})" for e, p in ENGINE_PRECISIONS.items()))
@@ -371,10 +376,6 @@ def run_triton(run: RunDir, out: Path, engine: str = "ort", precision: str = "fp
         if batch[0] > 1:
             raise UsageError(f"the engine's profile starts at batch {batch[0]}; Triton sends batches from 1: rebuild "
                              f"with --batch 1,{batch[1]},{batch[2]}")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError(f"--max-batch {max_batch}: expected a batch size of at least 1")
-    if not 1 <= instances <= 64:
-        raise UsageError(f"--instances {instances}: expected 1 to 64 model instances")
     limit = max_batch or batch[2]
     if limit > batch[2]:
         raise UsageError(f"--max-batch {limit} is outside the engine's profile (max {batch[2]}); rebuild with a "

@@ -275,7 +275,9 @@ def export_view(path: str, metrics: dict):
 
     gate = metrics["gate"]
     init = gate["initialisers"]
-    table = Table(title=f"ONNX gate: {path} ({metrics['candidate']})")
+    from rich.markup import escape
+
+    table = Table(title=f"ONNX gate: {escape(path)} ({metrics['candidate']})")
     for col in ("check", "result"):
         table.add_column(col)
     table.add_row("onnx.checker", gate["checker"])
