@@ -395,6 +395,22 @@ class RunDir:
             raise MissingArtifactError(f"stage '{key}' recorded no output '{name}'")
         return self.verify(current, f"{key}/{name}", pending)
 
+    def settle_pending(self, key: str) -> None:
+        """After a kill inside :meth:`replace_outputs`: record as current every pending output whose file is in
+        place, and forget the pending records (the next kill then finds a consistent record)."""
+        record = self.read()["stages"].get(key) or {}
+        pending = record.get("pending_outputs") or {}
+        if not pending:
+            return
+        landed = {name: rec for name, rec in pending.items()
+                  if self.resolve(rec["path"]).is_file() and sha256_file(self.resolve(rec["path"])) == rec["sha256"]}
+
+        def change(m: dict) -> None:
+            m["stages"][key]["outputs"].update(landed)
+            m["stages"][key].pop("pending_outputs", None)
+
+        self.update(change)
+
     def replace_outputs(self, key: str, staged: dict[str, tuple[Path, Path]],
                         change: Callable[[dict], None] | None = None) -> None:
         """Move finished files into place (``name: (temporary, final)``) and record them as ``key``'s outputs in

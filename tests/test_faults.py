@@ -277,6 +277,9 @@ def test_a_pending_record_is_accepted_and_promoted(tmp_path):
     pending = {**run.describe(final), "path": "out.bin"}
     run.update(lambda m: m["stages"]["s"].__setitem__("pending_outputs", {"out": pending}))
     assert run.verify_output("s", "out") == final
+    run.settle_pending("s")  # resume makes the landed file the record, so a second kill finds it consistent
+    rec = run.stage("s")
+    assert "pending_outputs" not in rec and rec["outputs"]["out"]["sha256"] == pending["sha256"]
     final.write_bytes(b"three")  # neither the record nor the pending record: tampering
     with pytest.raises(StaleArtifactError, match="sha256 mismatch"):
         run.verify_output("s", "out")

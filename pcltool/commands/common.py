@@ -4,6 +4,7 @@ Only typer and the standard library are imported here, so ``pcltool --help`` sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from enum import Enum
 from pathlib import Path
@@ -31,17 +32,24 @@ def escape(text) -> str:
     return rich_escape(str(text))
 
 
-def _sigterm_as_interrupt() -> None:
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
     """SIGTERM (schedulers, ``docker stop``, ``kill``) ends a command the way Ctrl-C does: the running stage is
-    recorded as interrupted and the run directory keeps what had finished."""
+    recorded as interrupted and the run directory keeps what had finished. The previous handler is restored after."""
     import signal
     import threading
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def handle_errors(fn):
@@ -53,9 +61,9 @@ def handle_errors(fn):
 
         from pcltool.errors import PcltoolError
 
-        _sigterm_as_interrupt()
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

@@ -170,6 +170,7 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     if not record or "checkpoint" not in {**record.get("outputs", {}), **record.get("pending_outputs", {})}:
         return run, None  # killed before its first checkpoint: start from scratch in the same directory
     ckpt = run.verify_output("train", "checkpoint")
+    run.settle_pending("train")
     return run, load_checkpoint(ckpt)
 
 
