@@ -24,10 +24,12 @@ from typer.testing import CliRunner
 
 from pcltool.cli import app
 from pcltool.config import load_recipe
-from pcltool.errors import RecipeError, RunDirError, RunLockedError, StaleArtifactError, TrainingDivergedError, UsageError, VerificationError
+from pcltool.errors import (RecipeError, RunDirError, RunLockedError, StaleArtifactError, TrainingDivergedError,
+                            UsageError, VerificationError)
 from pcltool.manifest import RunDir
 from pcltool.ranking import top_k_accuracy, top_k_indices, top_k_torch
 from tests.conftest import QUICKSTART, TINY_OVERRIDES
+from tests.test_build import _one_thread, exported_template, int8_template  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -138,7 +140,8 @@ def test_gate_thresholds_must_be_finite_percentages(value):
 
 @pytest.mark.parametrize("flag, value", [("--max-top1-drop", "nan"), ("--max-top1-drop", "-1"),
                                          ("--min-agreement", "inf"), ("--threads", "100000"), ("--threads", "0"),
-                                         ("--batch", "abc"), ("--batch", "1,64,999999999")])
+                                         ("--batch", "abc"), ("--batch", "1,64,999999999"),
+                                         ("--calib-images", "0")])
 def test_build_flags_are_refused_before_anything_is_written(trained_run, flag, value):
     before = (trained_run / "manifest.json").read_bytes()
     result = CliRunner().invoke(app, ["build", str(trained_run), flag, value])

@@ -223,6 +223,8 @@ def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: s
     """Build, verify and record ``build:<engine>-<precision>:<candidate>``; returns the stage's metrics."""
     check_thresholds(max_top1_drop, min_agreement)
     check_threads(threads)
+    if not 1 <= calib_images <= 1_000_000:
+        raise UsageError(f"--calib-images {calib_images}: expected 1 to 1000000 training images")
     _check_backend(engine, precision)
     if engine == "trt" and hardware_compat not in ("none", "ampere+", "same-cc"):
         raise UsageError(f"--hardware-compat {hardware_compat}: allowed none, ampere+, same-cc")
