@@ -332,6 +332,9 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert json.loads(manifest.read_text())["stages"]["train"]["status"] == "interrupted"
+    status = subprocess.run([sys.executable, "-m", "pcltool", "status", str(tmp_path / "r"), "--json"],
+                            capture_output=True, text=True, cwd=tmp_path, env=_env())
+    assert json.loads(status.stdout)["stages"]["train"]["status"] == "interrupted"
 
 
 def test_running_stage_without_a_lock_holder_shows_as_interrupted(tmp_path):

@@ -187,14 +187,14 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
         run.begin("train", params={"device": str(device), "world_size": dist_ctx.world_size,
                                    "resumed_from_epoch": trainer.epoch if state else None,
                                    "steps_per_epoch": trainer.steps_per_epoch}, keep_outputs=state is not None)
-        for warning in data.warnings:
-            run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
-    reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
     best = state.get("best_val", -1.0) if state else -1.0
     wall_start = time.perf_counter()
     val = {}
     first_loss: list[float] = []
-    try:
+    try:  # from here on, any exit (SIGTERM and Ctrl-C included) is recorded
+        for warning in data.warnings if run else ():
+            run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
+        reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
         with reporter:
             while trainer.epoch < recipe.train.epochs:
                 def on_log(rec: dict) -> None:
