@@ -331,7 +331,9 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
-    assert json.loads(manifest.read_text())["stages"]["train"]["status"] == "interrupted"
+    # recorded as interrupted (a signal landing in the few instructions before that record is possible: then the
+    # stage is still "running" on disk with a free lock, which status also reports as interrupted)
+    assert json.loads(manifest.read_text())["stages"]["train"]["status"] in ("interrupted", "running")
     status = subprocess.run([sys.executable, "-m", "pcltool", "status", str(tmp_path / "r"), "--json"],
                             capture_output=True, text=True, cwd=tmp_path, env=_env())
     assert json.loads(status.stdout)["stages"]["train"]["status"] == "interrupted"
