@@ -213,6 +213,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores of each row, best first; ties go to the lowest index (pcltool's rule:
+    the same as ``argmax``)."""
+    k = min(k, scores.shape[1])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
 def classify(model, files: list[Path], top_k: int = 1, batch: int = 32) -> list[dict]:
     """One dict per file: its top-k classes with probabilities."""
     prep = Preprocessing(model.meta)
@@ -221,9 +228,9 @@ def classify(model, files: list[Path], top_k: int = 1, batch: int = 32) -> list[
     rows = []
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
-        probs = _softmax(model(np.stack([prep.load(f) for f in chunk])))
-        for f, p in zip(chunk, probs):
-            top = np.argsort(-p)[:top_k]
+        logits = model(np.stack([prep.load(f) for f in chunk]))
+        # classes are ranked on the logits (softmax can round distinct logits to one probability)
+        for f, p, top in zip(chunk, _softmax(logits), top_k_indices(logits, top_k)):
             rows.append({"file": str(f), "predictions": [
                 {"class": names[i] if names else int(i), "index": int(i), "probability": float(p[i])} for i in top]})
     return rows

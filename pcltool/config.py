@@ -26,7 +26,8 @@ AUGMENTATIONS = ("crop_flip", "crop", "random_resized_crop_flip", "none")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a value of the wrong type is rejected, never coerced ("2" is not 2, "yes" is not true); no inf/NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -35,16 +36,17 @@ class DataConfig(_Section):
     dataset: Literal["digits", "cifar10", "cifar100", "image_folder"] = "cifar10"
     root: str | None = Field(None, description="dataset folder (relative to the working directory)")
     download: bool = Field(False, description="download CIFAR when it is missing and the network allows")
-    val_size: float = Field(5000, gt=0, description="validation split carved from train: a fraction (<1) or a count")
-    val_seed: int = 0
+    val_size: float = Field(5000, gt=0, le=10_000_000,
+                            description="validation split carved from train: a fraction (<1) or a count")
+    val_seed: int = Field(0, ge=0, lt=2**63)
     test_size: float = Field(0.2, gt=0, lt=1, description="digits only: fraction held out as the test split")
     augment: Literal["crop_flip", "crop", "random_resized_crop_flip", "none"] = "crop_flip"
     pad: int = Field(4, ge=0, le=64, description="zero padding before the random crop (crop augmentations)")
     image_size: int = Field(32, ge=8, le=1024, description="network input size (image_folder: crop size)")
     resize_size: int | None = Field(None, ge=8, le=2048, description="image_folder: decode size before cropping (default image_size*8/7)")
-    scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range")
-    mean: tuple[float, ...] | None = Field(None, description="per-channel normalisation mean (default: dataset's)")
-    std: tuple[float, ...] | None = Field(None, description="per-channel normalisation std (default: dataset's)")
+    scale: tuple[float, float] = Field((0.08, 1.0), strict=False, description="random-resized-crop area range")
+    mean: tuple[float, ...] | None = Field(None, strict=False, description="per-channel normalisation mean (default: dataset's)")
+    std: tuple[float, ...] | None = Field(None, strict=False, description="per-channel normalisation std (default: dataset's)")
     workers: int = Field(2, ge=0, le=64, description="image_folder: decoding processes")
     on_device: bool = Field(True, description="hold the decoded uint8 dataset on the training device")
 
@@ -59,6 +61,8 @@ class DataConfig(_Section):
             raise ValueError("data.mean and data.std must be given together")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("data.std values must be > 0")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"data.val_size {self.val_size}: a fraction must be below 1 and a count a whole number")
         return self
 
 
@@ -82,15 +86,15 @@ class PCLConfig(_Section):
 
     enabled: bool = True
     peers: int = Field(3, ge=2, le=16, description="number of peers m (ignored when enabled = false)")
-    temperature: float = Field(3.0, gt=0)
-    rampup_epochs: float = Field(80, ge=0, description="L in lambda(e) = exp(-5 (1 - min(e,L)/L)^2)")
+    temperature: float = Field(3.0, gt=0, le=1000)
+    rampup_epochs: float = Field(80, ge=0, le=100_000, description="L in lambda(e) = exp(-5 (1 - min(e,L)/L)^2)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    ce_weight: float = Field(1.0, ge=0, description="weight of the peers' cross-entropy")
-    ensemble_ce_weight: float = Field(1.0, ge=0, description="weight of the ensemble head's cross-entropy")
+    ce_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the peers' cross-entropy")
+    ensemble_ce_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the ensemble head's cross-entropy")
     kd_ensemble: bool = Field(True, description="peer ensemble teacher -> peer distillation")
     kd_mean: bool = Field(True, description="peer mean teachers -> peer distillation")
-    kd_ensemble_weight: float = Field(1.0, ge=0)
-    kd_mean_weight: float = Field(1.0, ge=0)
+    kd_ensemble_weight: float = Field(1.0, ge=0, le=1e6)
+    kd_mean_weight: float = Field(1.0, ge=0, le=1e6)
     mean_kd_reduction: Literal["mean", "sum"] = Field("mean", description="average (1/(m-1)) or sum over the other mean teachers")
     rampup_ensemble: bool = Field(True, description="whether lambda also scales the ensemble->peer term")
     ensemble_head_lr: Literal["1/m", "same"] = Field(
@@ -100,20 +104,28 @@ class PCLConfig(_Section):
         "own", description="BatchNorm statistics of the mean network: its own, from its train-mode forwards as the "
                            "reproduction keeps them, or the temporal mean of the live network's")
 
+    @model_validator(mode="after")
+    def _check(self) -> PCLConfig:
+        supervised = self.ce_weight > 0 or (self.enabled and self.ensemble_ce_weight > 0)
+        if not supervised:
+            raise ValueError("pcl.ce_weight (and, with pcl.enabled, pcl.ensemble_ce_weight) are all 0: nothing would "
+                             "learn from the labels; give one of them a weight > 0")
+        return self
+
 
 class TrainConfig(_Section):
     """Optimisation, schedule, precision and the training fast path."""
 
-    epochs: int = Field(300, ge=1)
-    batch_size: int = Field(128, ge=1, description="global batch (images, not views)")
-    lr: float = Field(0.1, gt=0)
+    epochs: int = Field(300, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1 << 20, description="global batch (images, not views)")
+    lr: float = Field(0.1, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [150, 225])
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: float = Field(0, ge=0)
+    warmup_epochs: float = Field(0, ge=0, le=100_000)
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU; CPU always runs fp32")
     channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on GPU and CPU")
     fused_optimizer: bool = Field(True, description="fused/foreach SGD where available")
@@ -125,7 +137,7 @@ class TrainConfig(_Section):
     foreach_ema: bool = Field(True, description="temporal-mean update with foreach kernels (false: a Python loop per tensor)")
     cpu_fast_path: bool = Field(False, description="on CPU too: bf16 autocast (when precision != fp32); fast on "
                                                    "CPUs with AMX/AVX512-BF16, off so CPU runs stay fp32")
-    log_every: int = Field(50, ge=1, description="steps between progress updates (the only host syncs)")
+    log_every: int = Field(50, ge=1, le=1_000_000, description="steps between progress updates (the only host syncs)")
     checkpoint_best: bool = True
 
     @model_validator(mode="after")
@@ -145,7 +157,7 @@ class Recipe(_Section):
     """A whole experiment. ``name`` defaults to the recipe file's stem."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

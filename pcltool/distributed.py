@@ -76,6 +76,11 @@ def train_entry(recipe, run_path: Path | None, resume: bool, console):
         finally:
             if run:
                 run.release()
+        if ctx.active:
+            # Rank 0 still writes the manifest after the last collective; a rank that tore its process group down
+            # meanwhile could abort in gloo's teardown ("terminate called without an active exception") when the
+            # machine is loaded. All ranks leave together.
+            dist.barrier()
         return run.path if run else None
     except Exception as err:
         if ctx.active:

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from pcltool.pcl import peer_disagreement
+from pcltool.ranking import top_k_torch
 
 
 def candidate_names(num_peers: int, has_ensemble: bool) -> list[str]:
@@ -15,8 +16,7 @@ def candidate_names(num_peers: int, has_ensemble: bool) -> list[str]:
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
+    top = top_k_torch(logits, k)
     return (top == labels.unsqueeze(-1)).any(-1).sum()
 
 

@@ -3,6 +3,10 @@
 ``manifest.json`` holds the resolved recipe, the environment, and per stage its status, times, parameters,
 inputs and outputs (path, sha256, size) and metrics. Every write is atomic (temp file + fsync + rename), a run
 is locked by one process at a time, and an artifact is only handed to a later stage after its sha256 matches.
+
+The lock is an ``flock`` on the run directory itself (POSIX): it cannot be deleted from under its holder the way a
+lock file can. A stage recorded "running" whose run is not locked was interrupted (SIGKILL, power loss): ``status``
+shows it as such and every stage may run again. The manifest is strict JSON: non-finite numbers are written as null.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pcltool.errors import MissingArtifactError, RunDirError, RunLockedError, StaleArtifactError
 
@@ -81,6 +88,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def environment() -> dict[str, Any]:
     """Versions and device, recorded in every manifest."""
     import platform
@@ -102,6 +115,65 @@ def environment() -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_count"] = torch.cuda.device_count()
     return env
+
+
+class _Artifact(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: str
+    sha256: str
+    bytes: int
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str
+    outputs: dict[str, _Artifact] = {}
+    pending_outputs: dict[str, _Artifact] = {}
+    metrics: dict = {}
+    params: dict = {}
+    inputs: dict[str, _Artifact] = {}
+
+
+class _Manifest(BaseModel):
+    """The shape every command relies on (extra keys are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: str
+    created: str
+    recipe: dict
+    stages: dict[str, _Stage]
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinite floats replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _lock_directory(path: Path):
+    """An exclusive, non-blocking lock on the directory ``path``: an open descriptor, or None when it is held."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class _DirLock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing the descriptor drops the flock
 
 
 class RunDir:
@@ -160,8 +232,9 @@ class RunDir:
         """The most recently created run under ``runs_dir``."""
         candidates = []
         for manifest in Path(runs_dir).glob(f"*/{MANIFEST}"):
-            with contextlib.suppress(OSError, ValueError):
-                candidates.append((json.loads(manifest.read_text()).get("created", ""), manifest.stat().st_mtime, manifest.parent))
+            with contextlib.suppress(OSError, RunDirError):  # a damaged sibling does not hide the others
+                candidates.append((RunDir(manifest.parent).read()["created"], manifest.stat().st_mtime,
+                                   manifest.parent))
         if not candidates:
             raise RunDirError(f"no runs found under {runs_dir}/; start one with `pcltool train RECIPE` or pass a RUN path")
         return max(candidates)[2]
@@ -169,17 +242,54 @@ class RunDir:
     # --- locking ----------------------------------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the run's lock for the life of this process (released by :meth:`release` or at exit)."""
-        from filelock import FileLock, Timeout
-
         if self._lock is not None:
             return
+        busy = RunLockedError(f"{self.path} is in use by another pcltool process (lock {self.path / LOCK}); "
+                              "wait for it to finish")
+        if os.name == "posix":
+            fd = _lock_directory(self.path)
+            if fd is None:
+                raise busy
+            self._lock = _DirLock(fd)
+            with contextlib.suppress(OSError):
+                (self.path / LOCK).touch()  # where users look; the lock itself is on the directory
+            return
+        from filelock import FileLock, Timeout
+
         lock = FileLock(str(self.path / LOCK))
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise RunLockedError(f"{self.path} is in use by another pcltool process (lock {self.path / LOCK}); "
-                                 "wait for it to finish") from None
+            raise busy from None
         self._lock = lock
+
+    def is_locked(self) -> bool:
+        """Whether a pcltool process (this one included) holds the run's lock now."""
+        if self._lock is not None:
+            return True
+        if os.name != "posix":
+            from filelock import FileLock, Timeout
+
+            try:
+                with FileLock(str(self.path / LOCK)).acquire(timeout=0):
+                    return False
+            except Timeout:
+                return True
+        fd = _lock_directory(self.path)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    def status_of(self, key: str, manifest: dict | None = None) -> str | None:
+        """A stage's status, with a "running" stage whose run nobody holds shown as "interrupted"."""
+        record = (manifest or self.read())["stages"].get(key)
+        if record is None:
+            return None
+        status = record.get("status")
+        if status == "running" and not self.is_locked():
+            return "interrupted"
+        return status
 
     def release(self) -> None:
         if self._lock is not None:
@@ -205,14 +315,27 @@ class RunDir:
 
     def read(self) -> dict:
         try:
-            return json.loads(self.manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not a pcltool run (no {MANIFEST})") from None
+        except IsADirectoryError:
+            raise RunDirError(f"{self.manifest_path} is a directory, not a pcltool manifest") from None
+        except UnicodeDecodeError:
+            raise RunDirError(f"{self.manifest_path} is not UTF-8 text; it was not written by pcltool") from None
         except json.JSONDecodeError as err:
             raise RunDirError(f"{self.manifest_path} is not valid JSON ({err}); it was not written by pcltool") from None
+        try:
+            _Manifest.model_validate(manifest)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise RunDirError(f"{self.manifest_path} is not a pcltool manifest ({where}: {first['msg']}); restore it "
+                              "or start a new run") from None
+        return manifest
 
     def _write(self, manifest: dict) -> None:
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        text = json.dumps(_finite(manifest), indent=2, sort_keys=False, allow_nan=False)
+        atomic_write_text(self.manifest_path, text + "\n")
 
     def update(self, change: Callable[[dict], None]) -> dict:
         if self._lock is None:
@@ -245,15 +368,69 @@ class RunDir:
         path = Path(path)
         return {"path": self.relative(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
-    def verify(self, record: dict, what: str) -> Path:
-        """Check an artifact record against the file on disk; return its path."""
+    def verify(self, record: dict, what: str, pending: dict | None = None) -> Path:
+        """Check an artifact record against the file on disk; return its path.
+
+        ``pending``: the record of a replacement that :meth:`replace_outputs` was putting in place when the process
+        died; a file matching it is the complete new artifact."""
         path = self.resolve(record["path"])
+        redo = ("start a new run with `pcltool train RECIPE` (or restore the file from a backup); train's own "
+                "outputs cannot be made again in this run" if what.split(":")[0].startswith("train")
+                else "re-run the stage that made it")
         if not path.is_file():
-            raise StaleArtifactError(f"{what}: {path} is missing; re-run the stage that made it")
-        if sha256_file(path) != record["sha256"]:
-            raise StaleArtifactError(f"{what}: {path} changed since it was recorded (sha256 mismatch); "
-                                     "re-run the stage that made it instead of editing artifacts by hand")
+            raise StaleArtifactError(f"{what}: {path} is missing; {redo}")
+        digest = sha256_file(path)
+        if digest != record["sha256"] and not (pending and pending.get("sha256") == digest
+                                               and self.resolve(pending["path"]) == path):
+            raise StaleArtifactError(f"{what}: {path} changed since it was recorded (sha256 mismatch); {redo} "
+                                     "instead of editing artifacts by hand")
         return path
+
+    def verify_output(self, key: str, name: str) -> Path:
+        """The verified path of output ``name`` of stage ``key`` (whatever its status)."""
+        record = self.read()["stages"][key]
+        pending = record.get("pending_outputs", {}).get(name)
+        current = record.get("outputs", {}).get(name) or pending  # killed while putting the first one in place
+        if current is None:
+            raise MissingArtifactError(f"stage '{key}' recorded no output '{name}'")
+        return self.verify(current, f"{key}/{name}", pending)
+
+    def settle_pending(self, key: str) -> None:
+        """After a kill inside :meth:`replace_outputs`: record as current every pending output whose file is in
+        place, and forget the pending records (the next kill then finds a consistent record)."""
+        record = self.read()["stages"].get(key) or {}
+        pending = record.get("pending_outputs") or {}
+        if not pending:
+            return
+        landed = {name: rec for name, rec in pending.items()
+                  if self.resolve(rec["path"]).is_file() and sha256_file(self.resolve(rec["path"])) == rec["sha256"]}
+
+        def change(m: dict) -> None:
+            m["stages"][key]["outputs"].update(landed)
+            m["stages"][key].pop("pending_outputs", None)
+
+        self.update(change)
+
+    def replace_outputs(self, key: str, staged: dict[str, tuple[Path, Path]],
+                        change: Callable[[dict], None] | None = None) -> None:
+        """Move finished files into place (``name: (temporary, final)``) and record them as ``key``'s outputs in
+        one recoverable step: their hashes are recorded as pending first, then the files are renamed, then the
+        records are replaced. A kill at any point leaves every file matching its record or its pending record
+        (:meth:`verify_output` accepts either), never an unresumable run."""
+        pending = {name: {**self.describe(tmp), "path": self.relative(final)} for name, (tmp, final) in staged.items()}
+        self.update(lambda m: m["stages"][key].__setitem__("pending_outputs", pending))
+        for tmp, final in staged.values():
+            os.replace(tmp, final)
+            _fsync_dir(Path(final).parent)
+
+        def commit(m: dict) -> None:
+            rec = m["stages"][key]
+            rec["outputs"].update(pending)
+            rec.pop("pending_outputs", None)
+            if change is not None:
+                change(m)
+
+        self.update(commit)
 
     # --- stages -----------------------------------------------------------------------------------------------
     def stage(self, key: str) -> dict | None:
@@ -264,7 +441,9 @@ class RunDir:
         record = self.stage(key)
         if record is None or record.get("status") != "done":
             base = key.split(":")[0]
-            state = "has not run" if record is None else f"is {record.get('status')}"
+            status = self.status_of(key)
+            state = ("has not run" if record is None else "was interrupted" if status == "interrupted"
+                     else f"is {status}")
             command = hint or PRODUCED_BY.get(base, f"pcltool {base}")
             raise MissingArtifactError(f"stage '{key}' {state} in {self.path}; run `{command}` first")
         return record
@@ -273,7 +452,7 @@ class RunDir:
         record = self.require(key, hint)
         if name not in record.get("outputs", {}):
             raise MissingArtifactError(f"stage '{key}' recorded no output '{name}'")
-        return self.verify(record["outputs"][name], f"{key}/{name}")
+        return self.verify(record["outputs"][name], f"{key}/{name}", record.get("pending_outputs", {}).get(name))
 
     def begin(self, key: str, params: dict | None = None, inputs: dict[str, Path] | None = None,
               keep_outputs: bool = False) -> None:
@@ -301,13 +480,19 @@ class RunDir:
         self.update(lambda m: m["stages"][key]["metrics"].update(metrics))
 
     def fail(self, key: str, error: BaseException) -> None:
+        """Record ``key`` as failed (or "interrupted" after Ctrl-C / SIGTERM). Best effort: when even this write
+        fails (a full disk), the stage stays "running" and shows as interrupted once the lock is free."""
+        interrupted = isinstance(error, KeyboardInterrupt)
+
         def change(m: dict) -> None:
             rec = m["stages"].setdefault(key, {"started": now(), "outputs": {}, "metrics": {}})
-            rec.update(status="failed", finished=now(), error=f"{type(error).__name__}: {error}")
-            if not isinstance(error, Exception) or type(error).__module__ != "pcltool.errors":
+            rec.update(status="interrupted" if interrupted else "failed", finished=now(),
+                       error=f"{type(error).__name__}: {error}")
+            if not interrupted and type(error).__module__ != "pcltool.errors" and not _is_disk_full(error):
                 rec["traceback"] = traceback.format_exception(type(error), error, error.__traceback__)[-3:]
 
-        self.update(change)
+        with contextlib.suppress(OSError):
+            self.update(change)
 
     @contextlib.contextmanager
     def running(self, key: str, params: dict | None = None, inputs: dict[str, Path] | None = None):

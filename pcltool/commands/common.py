@@ -4,6 +4,7 @@ Only typer and the standard library are imported here, so ``pcltool --help`` sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from enum import Enum
 from pathlib import Path
@@ -24,15 +25,55 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def escape(text) -> str:
+    """``text`` (a path, a name) made safe to print through rich: ``[x]`` is shown, not taken as markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (schedulers, ``docker stop``, ``kill``) ends a command the way Ctrl-C does: the running stage is
+    recorded as interrupted and the run directory keeps what had finished. The previous handler is restored after."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(fn):
     """Turn pcltool's typed errors into a one-paragraph message and the error's exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import errno
+
         from pcltool.errors import PcltoolError
 
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from rich.markup import escape
+
+            where = f" writing {err.filename}" if err.filename else ""
+            console(stderr=True).print(f"[bold red]error:[/] no space left on the device{escape(where)}; free some "
+                                       "space and run the command again (`pcltool train --resume` continues a "
+                                       "training run)", markup=True, soft_wrap=True)
+            raise typer.Exit(code=1) from None
         except PcltoolError as err:
             from rich.markup import escape
 

@@ -9,15 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, handle_errors, open_run
+from pcltool.commands.common import Device, RunArg, RunsDirOpt, console, escape, handle_errors, open_run
 
 PeerOpt = Annotated[Optional[str], typer.Option("--peer", help="exported candidate to use (default: the run's only "
                                                                  "export), e.g. mean2")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch and ONNX Runtime "
                                                                      "(default: PyTorch's, the physical cores)")]
 MaxDropOpt = Annotated[float, typer.Option("--max-top1-drop", help="fail a reduced-precision engine whose top-1 on the "
-                                                                   "validation split drops more than this many points "
-                                                                   "below the FP32 ONNX model's")]
+                                                                   "validation split moves more than this many points "
+                                                                   "from the FP32 ONNX model's (either direction)")]
+MinAgreeOpt = Annotated[float, typer.Option("--min-agreement", help="fail an engine whose top-1 class is the FP32 ONNX "
+                                                                    "model's on fewer than this % of validation "
+                                                                    "images")]
 CalibOpt = Annotated[int, typer.Option("--calib-images", help="int8: training images to calibrate on")]
 
 
@@ -33,6 +36,7 @@ def build(
     calib_method: Annotated[str, typer.Option("--calib-method", help="int8 calibration: minmax, entropy or "
                                                                      "percentile")] = "minmax",
     max_top1_drop: MaxDropOpt = 1.0,
+    min_agreement: MinAgreeOpt = 95.0,
     peer: PeerOpt = None,
     threads: ThreadsOpt = None,
     hardware_compat: Annotated[str, typer.Option("--hardware-compat", help="TensorRT: none (this GPU), ampere+ or "
@@ -48,7 +52,7 @@ def build(
     from pcltool.stages.build import run_build
 
     run_build(open_run(run, runs_dir), engine, precision, peer, batch, calib_images, calib_method, max_top1_drop,
-              threads, hardware_compat, trt_flags, workspace_gib, console=console())
+              threads, hardware_compat, trt_flags, workspace_gib, console=console(), min_agreement=min_agreement)
 
 
 @handle_errors
@@ -74,7 +78,8 @@ def bench(
     rd = open_run(run, runs_dir)
     doc = run_bench(rd, engine, batch, device.value, threads, peer, max_seconds, console=out)
     print_table(out, doc)
-    out.print(f"results: {rd.path / 'bench.json'}, {rd.path / 'bench.csv'}\nplot:    {rd.path / 'bench.png'}")
+    out.print(f"results: {escape(rd.path / 'bench.json')}, {escape(rd.path / 'bench.csv')}\n"
+              f"plot:    {escape(rd.path / 'bench.png')}")
 
 
 @handle_errors
@@ -90,6 +95,7 @@ def run_pipeline(
     device: Annotated[Device, typer.Option("--device", help="bench device")] = Device.auto,
     calib_images: CalibOpt = 512,
     max_top1_drop: MaxDropOpt = 1.0,
+    min_agreement: MinAgreeOpt = 95.0,
 ):
     """Run the whole pipeline — train, select, prune, export, build (ONNX Runtime fp32 + int8), bench — skipping
     every stage whose inputs and outputs are unchanged in the manifest."""
@@ -99,7 +105,7 @@ def run_pipeline(
 
     cfg = load_recipe(recipe, list(set_))
     pipeline(cfg, run, peer, parse_engines(engine), parse_batches(batch), device.value, calib_images, max_top1_drop,
-             console=console())
+             console=console(), min_agreement=min_agreement)
 
 
 @handle_errors
@@ -119,4 +125,4 @@ def triton(
     from pcltool.stages.build import run_triton
 
     target = run_triton(open_run(run), out, engine, precision, peer, name, max_batch, instances, force)
-    console().print(f"Triton model repository: {target}  (tritonserver --model-repository {out})")
+    console().print(f"Triton model repository: {escape(target)}  (tritonserver --model-repository {escape(out)})")

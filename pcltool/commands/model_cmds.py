@@ -63,10 +63,15 @@ def export(
                                                               "optimiser)")] = False,
     raw_input: Annotated[bool, typer.Option("--raw-input", help="take uint8 NHWC pixels; normalisation runs "
                                                                 "inside the graph")] = False,
+    atol: Annotated[float, typer.Option("--atol", help="gate: absolute floor of the allowed max |logit difference| "
+                                                       "(ONNX Runtime vs PyTorch)")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="gate: allowed difference relative to max |logit| (added to "
+                                                       "--atol)")] = 1e-5,
     runs_dir: RunsDirOpt = Path("runs"),
 ):
     """Export the candidate to ONNX and gate it (checker; ONNX Runtime vs PyTorch on the whole validation split at
     batch 1, 7 and 64; initialisers = the pruned network's). Runs select and prune first when needed."""
     from pcltool.stages.export import run_export
 
-    run_export(open_run(run, runs_dir), peer, opset, dynamic_batch, static_batch, simplify, raw_input, console())
+    run_export(open_run(run, runs_dir), peer, opset, dynamic_batch, static_batch, simplify, raw_input, console(),
+               atol=atol, rtol=rtol)

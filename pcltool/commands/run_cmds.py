@@ -21,9 +21,12 @@ def status(
 
     rd = open_run(run, runs_dir)
     manifest = rd.read()
+    interrupted = {key for key in manifest["stages"] if rd.status_of(key, manifest) == "interrupted"}
     if as_json:
+        for key in interrupted:
+            manifest["stages"][key]["status"] = "interrupted"
         typer.echo(json.dumps(manifest, indent=2))
         return
     from pcltool.stages.show import manifest_table
 
-    console().print(manifest_table(rd.path, manifest))
+    console().print(manifest_table(rd.path, manifest, interrupted))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pcltool.commands.common import Device, console, handle_errors
+from pcltool.commands.common import Device, console, escape, handle_errors
 
 
 @handle_errors
@@ -54,7 +54,7 @@ def bench_train(
                       f"{report['speedup_a_over_b_wall']:.2f}x")
         path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-accuracy-{cfg.name}.json"
         write_report(report, path)
-        out_console.print(f"report: {path}")
+        out_console.print(f"report: {escape(str(path))}")
         if not report["finite"]:
             console(stderr=True).print("error: a path's training loss became NaN or infinite; its accuracy "
                                         "means nothing (lower train.lr, or use train.precision=fp32)")
@@ -67,7 +67,7 @@ def bench_train(
         out_console.print(f"(a)/(b) = {report['speedup_a_over_b']:.2f}x")
     path = out if out is not None else Path(cfg.output.runs_dir) / f"bench-train-{cfg.name}.json"
     write_report(report, path)
-    out_console.print(f"report: {path}")
+    out_console.print(f"report: {escape(str(path))}")
 
 
 @handle_errors
@@ -97,4 +97,4 @@ def train(
 
     run_dir = train_entry(cfg, run, resume, console())
     if run_dir is not None:
-        console().print(f"run: {run_dir}")
+        console().print(f"run: {escape(str(run_dir))}")

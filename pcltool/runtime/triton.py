@@ -59,6 +59,13 @@ instance_group [
 """
 
 
+def check_output_folder(out: Path) -> None:
+    """``out`` (or a folder above it) must not be an existing file."""
+    for folder in (Path(out), *Path(out).parents):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, not a folder; choose another OUT for the model repository")
+
+
 def write_repository(out: Path, name: str, engine: str, model_file: Path, meta: dict, max_batch: int,
                      preferred_batch: list[int], gpu: bool, instances: int = 1, force: bool = False,
                      extra_files: dict[str, Path] | None = None) -> Path:
@@ -66,6 +73,7 @@ def write_repository(out: Path, name: str, engine: str, model_file: Path, meta: 
     if not name.replace("_", "").replace("-", "").isalnum():
         raise UsageError(f"--name {name!r}: use letters, digits, '_' and '-' only")
     target = Path(out) / name
+    check_output_folder(out)
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force to replace it")
     size = meta.get("input_size")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ from torch import nn
 
 from pcltool.errors import BackendUnavailableError, EngineMismatchError, UsageError
 from pcltool.manifest import RunDir, atomic_write_text, now
+from pcltool.ranking import top_k_accuracy
 from pcltool.runtime.ort import read_metadata
 from pcltool.stages.bench_plot import plot
-from pcltool.stages.build import FLOAT_FORMAT, load_run_data, resolve_export, split_arrays
+from pcltool.stages.build import FLOAT_FORMAT, MAX_BATCH, check_threads, load_run_data, resolve_export, split_arrays
 
 BENCH_JSON, BENCH_CSV, BENCH_PNG = "bench.json", "bench.csv", "bench.png"
 ENGINE_CHOICES = ("torch", "torch-compile", "ort", "trt", "openvino", "all")
@@ -82,8 +84,9 @@ def parse_batches(text: str | tuple) -> tuple[int, ...]:
         batches = tuple(int(b) for b in text.split(",") if b.strip()) if isinstance(text, str) else tuple(text)
     except ValueError:
         batches = ()
-    if not batches or any(b < 1 for b in batches):
-        raise UsageError(f"--batch {text}: expected positive batch sizes separated by commas, e.g. 1,8,64,256")
+    if not batches or any(not 1 <= b <= MAX_BATCH for b in batches):
+        raise UsageError(f"--batch {text}: expected batch sizes from 1 to {MAX_BATCH} separated by commas, "
+                         "e.g. 1,8,64,256")
     return batches
 
 
@@ -249,12 +252,6 @@ def _openvino_variants(run, candidate, deployed, device, threads, params, flops)
 
 
 # --- measuring ------------------------------------------------------------------------------------------------------
-def _topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return 100.0 * float((top == labels[:, None]).any(1).mean())
-
-
 def _batch_of(test_batches: list[np.ndarray], n: int) -> np.ndarray:
     images = np.concatenate(test_batches[: -(-n // test_batches[0].shape[0])])
     reps = -(-n // images.shape[0])
@@ -285,6 +282,9 @@ def run_bench(run: RunDir, engines=("torch", "ort", "trt"), batches=DEFAULT_BATC
               threads: int | None = None, peer: str | None = None, max_seconds: float = 3.0, console=None) -> dict:
     """Benchmark, write bench.json/csv/png, record the ``bench`` stage; returns the bench.json document."""
     engines, batches = parse_engines(engines), parse_batches(batches)
+    check_threads(threads)
+    if not (isinstance(max_seconds, (int, float)) and math.isfinite(max_seconds) and 0 < max_seconds <= 3600):
+        raise UsageError(f"--max-seconds {max_seconds}: expected a time limit above 0 and at most 3600 seconds")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -381,8 +381,8 @@ def _bench(run: RunDir, candidate: str, onnx_path: Path, meta: dict, data, param
                     progress.advance(len(batches) + 1, task)
                     files.save("running")
                     continue
-                v.status, v.top1 = "ok", _topk(logits, test_labels, 1)
-                v.top5 = _topk(logits, test_labels, 5) if data.num_classes >= 100 else None
+                v.status, v.top1 = "ok", top_k_accuracy(logits, test_labels, 1)
+                v.top5 = top_k_accuracy(logits, test_labels, 5) if data.num_classes >= 100 else None
                 progress.advance(1, task)
                 for b in batches:
                     v.results.append(_time(engine, v, test_batches, b, peak, params["max_seconds"]))

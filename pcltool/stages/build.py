@@ -6,12 +6,16 @@ profile, strongly typed from the fp32 / FP16 / INT8 Q/DQ ONNX) and, where instal
 model or of the same INT8 Q/DQ model). An ONNX Runtime engine that only ONNX Runtime can load (the saved graph
 optimisations add ``com.microsoft`` operators) is named ``*.onnx.ort-only`` and carries ``pcltool.portable =
 false``; the INT8 and FP16 models keep standard operators, ``.onnx`` and ``pcltool.portable = true``. Every
-engine is compared with the FP32 ONNX model on the whole validation split (top-1 agreement, max |logit difference|, top-1 change); a reduced-precision engine
-whose top-1 drops more than ``max_top1_drop`` points fails the build, and then nothing is written.
+engine is compared with the FP32 ONNX model on the whole validation split (top-1 agreement, max |logit difference|,
+top-1 change). A reduced-precision engine fails the build, and then nothing is written, when its top-1 *changes*
+by more than ``max_top1_drop`` points in either direction (a rise is as suspicious as a drop), or when its top-1
+class agrees with the FP32 model's on fewer than ``min_agreement`` % of the images (a model can keep its accuracy
+while predicting other classes).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from pcltool.errors import BackendUnavailableError, MissingArtifactError, UsageError, VerificationError
 from pcltool.manifest import RunDir
@@ -27,7 +32,17 @@ ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "fp16"), "trt": ("fp32", "fp16", "i
 ENGINE_DIR = "engines"
 TIMING_CACHE = "trt-timing.cache"
 DEFAULT_BATCH = (1, 64, 256)
+MAX_BATCH = 1 << 16  # larger batches only exhaust memory
 FP32_RTOL = 1e-3  # fp32 engines: max |diff| <= FP32_RTOL * max(1, max |reference logit|)
+DEFAULT_MAX_TOP1_CHANGE = 1.0  # points of top-1, either direction
+DEFAULT_MIN_AGREEMENT = 95.0  # % of validation images whose top-1 class is the FP32 model's
+
+
+def check_thresholds(max_top1_drop: float, min_agreement: float) -> None:
+    """Gate thresholds are percentages: finite and within [0, 100] (NaN would switch the gate off)."""
+    for flag, value in (("--max-top1-drop", max_top1_drop), ("--min-agreement", min_agreement)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 100):
+            raise UsageError(f"{flag} {value}: expected a number of percentage points between 0 and 100")
 
 
 # --- what is being built ------------------------------------------------------------------------------------------
@@ -64,11 +79,15 @@ def parse_batch(text: str | tuple | None) -> tuple[int, int, int]:
     """``"1,64,256"`` -> (1, 64, 256); one value N means N,N,N."""
     if text is None:
         return DEFAULT_BATCH
-    parts = [int(p) for p in str(text).split(",") if p.strip()] if isinstance(text, str) else list(text)
+    try:
+        parts = [int(p) for p in str(text).split(",") if p.strip()] if isinstance(text, str) else list(text)
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts = parts * 3
-    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
-        raise UsageError(f"--batch {text}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,64,256")
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2] <= MAX_BATCH:
+        raise UsageError(f"--batch {text}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}, "
+                         "e.g. 1,64,256")
     return tuple(parts)
 
 
@@ -136,21 +155,27 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndar
     top1 = 100.0 * float((cand_pred == labels).mean())
     finite = bool(np.isfinite(candidate).all())
     return {"images": int(labels.shape[0]), "top1_agreement": 100.0 * float((ref_pred == cand_pred).mean()),
-            "max_abs_diff": float(np.abs(candidate - reference).max()) if finite else float("inf"),
+            "max_abs_diff": float(np.abs(candidate - reference).max()) if finite else None,
             "reference_top1": ref_top1, "top1": top1, "top1_change": top1 - ref_top1, "finite": finite}
 
 
-def gate(check: dict, precision: str, max_top1_drop: float, reference_scale: float) -> None:
+def gate(check: dict, precision: str, max_top1_drop: float, reference_scale: float,
+         min_agreement: float = DEFAULT_MIN_AGREEMENT) -> None:
     """Raise :class:`VerificationError` listing every failed check."""
+    check_thresholds(max_top1_drop, min_agreement)
     failures = []
     if not check["finite"]:
         failures.append("the engine produced NaN or infinite logits")
-    drop = -check["top1_change"]
-    if drop > max_top1_drop:
-        failures.append(f"top-1 dropped {drop:.2f} points ({check['reference_top1']:.2f}% -> {check['top1']:.2f}%) "
-                        f"on {check['images']} validation images, more than the allowed {max_top1_drop:g}")
+    change = check["top1_change"]
+    if not abs(change) <= max_top1_drop:
+        failures.append(f"top-1 {'dropped' if change < 0 else 'rose'} {abs(change):.2f} points "
+                        f"({check['reference_top1']:.2f}% -> {check['top1']:.2f}%) on {check['images']} validation "
+                        f"images, more than the allowed {max_top1_drop:g} either way")
+    if not check["top1_agreement"] >= min_agreement:
+        failures.append(f"top-1 agrees with the FP32 model on {check['top1_agreement']:.2f}% of {check['images']} "
+                        f"validation images, below the required {min_agreement:g}%")
     tolerance = FP32_RTOL * max(1.0, reference_scale)
-    if precision == "fp32" and check["max_abs_diff"] > tolerance:
+    if precision == "fp32" and check["finite"] and check["max_abs_diff"] > tolerance:
         failures.append(f"fp32 logits differ from the ONNX model by up to {check['max_abs_diff']:.3g} "
                         f"(tolerance {tolerance:.3g})")
     if failures:
@@ -200,9 +225,14 @@ def _check_trt_flags(engine: str, precision: str) -> None:
 
 def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: str | None = None,
               batch: tuple[int, int, int] = DEFAULT_BATCH, calib_images: int = 512, calib_method: str = "minmax",
-              max_top1_drop: float = 1.0, threads: int | None = None, hardware_compat: str = "none",
-              trt_flags: bool = False, workspace_gib: float = 4.0, console=None) -> dict:
+              max_top1_drop: float = DEFAULT_MAX_TOP1_CHANGE, threads: int | None = None,
+              hardware_compat: str = "none", trt_flags: bool = False, workspace_gib: float = 4.0, console=None,
+              min_agreement: float = DEFAULT_MIN_AGREEMENT) -> dict:
     """Build, verify and record ``build:<engine>-<precision>:<candidate>``; returns the stage's metrics."""
+    check_thresholds(max_top1_drop, min_agreement)
+    check_threads(threads)
+    if not 1 <= calib_images <= 1_000_000:
+        raise UsageError(f"--calib-images {calib_images}: expected 1 to 1000000 training images")
     _check_backend(engine, precision)
     if engine == "trt" and hardware_compat not in ("none", "ampere+", "same-cc"):
         raise UsageError(f"--hardware-compat {hardware_compat}: allowed none, ampere+, same-cc")
@@ -211,11 +241,11 @@ def run_build(run: RunDir, engine: str = "ort", precision: str = "fp32", peer: s
     batch = parse_batch(batch)
     with run:
         return _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads,
-                      hardware_compat, trt_flags, workspace_gib, console)
+                      hardware_compat, trt_flags, workspace_gib, console, min_agreement)
 
 
 def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_top1_drop, threads, hardware_compat,
-           trt_flags, workspace_gib, console) -> dict:
+           trt_flags, workspace_gib, console, min_agreement) -> dict:
     from pcltool.runtime import ort as ort_rt
     from pcltool.stages.train import recipe_of_run
 
@@ -228,7 +258,7 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
     out_dir.mkdir(exist_ok=True)
     stem = f"{candidate}.{engine}-{precision}"
     params = {"engine": engine, "precision": precision, "candidate": candidate, "batch": list(batch),
-              "max_top1_drop": max_top1_drop}
+              "max_top1_drop": max_top1_drop, "min_agreement": min_agreement}
     if precision == "int8":
         settings = ort_rt.TRT_INT8 if engine == "trt" else ort_rt.CPU_INT8
         params.update(calib_images=calib_images, calib_method=calib_method, quantization=settings.as_dict())
@@ -247,7 +277,7 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
             if precision == "int8":
                 calib, metrics["calibration"] = calibration_set(data, calib_images, seed, input_format)
                 metrics["calibration"]["method"] = calib_method
-            say(f"building {key} from {run.relative(onnx_path)}")
+            say(f"building {escape(key)} from {escape(run.relative(onnx_path))}")
             if engine == "ort":
                 built = _build_ort(onnx_path, tmp, stem, precision, calib, calib_method)
                 device = "cuda" if precision == "fp16" else "cpu"
@@ -272,7 +302,7 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
             finally:
                 candidate_engine.close()
             run.record_metrics(key, metrics)  # kept in the manifest when the gate fails
-            gate(metrics["verification"], precision, max_top1_drop, float(np.abs(reference).max()))
+            gate(metrics["verification"], precision, max_top1_drop, float(np.abs(reference).max()), min_agreement)
             metrics["engine_bytes"] = sum(built[k].stat().st_size for k in ("engine", "weights") if k in built)
             outputs = {}
             for name, path in built.items():
@@ -281,10 +311,17 @@ def _build(run, engine, precision, peer, batch, calib_images, calib_method, max_
                 outputs[name] = final
         run.finish(key, outputs, metrics)
     v = metrics["verification"]
-    say(f"[green]{key}[/]: {run.relative(outputs['engine'])}  top-1 {v['top1']:.2f}% "
+    say(f"[green]{escape(key)}[/]: {escape(run.relative(outputs['engine']))}  top-1 {v['top1']:.2f}% "
         f"({v['top1_change']:+.2f} vs fp32 ONNX), agreement {v['top1_agreement']:.2f}%, "
         f"max |diff| {v['max_abs_diff']:.3g}")
     return metrics
+
+
+def check_threads(threads: int | None) -> None:
+    """A thread count from 1 to the machine's logical CPUs (more only oversubscribes the cores)."""
+    limit = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= max(limit, 1):
+        raise UsageError(f"--threads {threads}: expected 1 to {limit} (this machine's logical CPUs)")
 
 
 def _build_ort(onnx_path: Path, tmp: Path, stem: str, precision: str, calib, calib_method: str) -> dict[str, Path]:
@@ -345,6 +382,11 @@ def run_triton(run: RunDir, out: Path, engine: str = "ort", precision: str = "fp
     from pcltool.runtime import triton
     from pcltool.runtime.ort import read_metadata
 
+    if max_batch is not None and not 1 <= max_batch <= MAX_BATCH:
+        raise UsageError(f"--max-batch {max_batch}: expected a batch size from 1 to {MAX_BATCH}")
+    if not 1 <= instances <= 64:
+        raise UsageError(f"--instances {instances}: expected 1 to 64 model instances")
+    triton.check_output_folder(out)
     allowed = {e: p for e, p in ENGINE_PRECISIONS.items() if e != "openvino"}  # Triton's onnxruntime/tensorrt
     if engine not in allowed or precision not in allowed[engine]:
         raise UsageError(f"--engine {engine} --precision {precision}: allowed engines "

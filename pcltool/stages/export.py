@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import sys
 import warnings
@@ -36,7 +37,7 @@ from torch import nn
 from pcltool.data.augment import ViewMaker
 from pcltool.errors import UsageError
 from pcltool.manifest import RunDir, atomic_path
-from pcltool.onnx_gate import GATE_BATCH_SIZES, GateSpec, validate_onnx
+from pcltool.onnx_gate import DEFAULT_ATOL, DEFAULT_RTOL, GATE_BATCH_SIZES, GateSpec, validate_onnx
 from pcltool.stages.prune import load_pruned, run_prune
 from pcltool.stages.select import (
     POLICIES,
@@ -201,7 +202,7 @@ def _ensure_pruned(run: RunDir, peer: str, console) -> str:
 
 def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynamic_batch: bool = True,
                static_batch: int | None = None, simplify: bool = False, raw_input: bool = False,
-               console=None) -> dict:
+               console=None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict:
     """Export candidate ``peer`` to ``exports/<candidate>.onnx``, gate it, record ``export:<candidate>``.
 
     ``static_batch`` fixes the batch size (``dynamic_batch=False`` alone fixes it at 1). Returns the metrics."""
@@ -211,6 +212,9 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
     from pcltool.stages.train import recipe_of_run
 
     options = check_options(opset, dynamic_batch, static_batch, simplify, raw_input)
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise UsageError(f"{flag} {value}: expected a finite number between 0 and 1")
     with run:
         candidate = _ensure_pruned(run, peer, console)
         weights = run.artifact(f"prune:{candidate}", "weights")
@@ -228,11 +232,13 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
             "pcltool.input_format": RAW_FORMAT if raw_input else FLOAT_FORMAT, "pcltool.source": card["source"],
         }
         spec = GateSpec(input_shape=[h, w, c] if raw_input else [c, h, w], num_classes=card["num_classes"],
-                        input_dtype="uint8" if raw_input else "float32", batch=options.batch, metadata=metadata)
+                        input_dtype="uint8" if raw_input else "float32", batch=options.batch, metadata=metadata,
+                        atol=atol, rtol=rtol)
         out = run.path / EXPORT_DIR / f"{candidate}.onnx"
         key = f"export:{candidate}"
         params = {"peer": peer, "candidate": candidate, "opset": options.opset, "dynamic_batch": options.batch is None,
-                  "static_batch": options.batch, "simplify": simplify, "raw_input": raw_input}
+                  "static_batch": options.batch, "simplify": simplify, "raw_input": raw_input,
+                  "atol": atol, "rtol": rtol}
         with run.running(key, params=params, inputs={"weights": weights, "card": card_path}):
             with atomic_path(out) as tmp:
                 exported = export_onnx(model, tmp, card, options, metadata)
@@ -247,7 +253,8 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
             metrics = {
                 "candidate": candidate, "max_abs_diff": values["max_abs_diff"],
                 "top1_agreement": values["top1_agreement"], "images": len(data.val), "compared": values["images"],
-                "batch_sizes": values["batch_sizes"], "atol": values["atol"], "gate": report.figures,
+                "batch_sizes": values["batch_sizes"], "atol": values["atol"], "rtol": values["rtol"],
+                "tolerance": values["tolerance"], "gate": report.figures,
                 "opset": report.figures["opset"], "ir_version": report.figures["ir_version"],
                 "input_format": metadata["pcltool.input_format"], "dynamic_batch": options.batch is None,
                 "simplified": simplify,
@@ -268,14 +275,16 @@ def export_view(path: str, metrics: dict):
 
     gate = metrics["gate"]
     init = gate["initialisers"]
-    table = Table(title=f"ONNX gate: {path} ({metrics['candidate']})")
+    from rich.markup import escape
+
+    table = Table(title=f"ONNX gate: {escape(path)} ({metrics['candidate']})")
     for col in ("check", "result"):
         table.add_column(col)
     table.add_row("onnx.checker", gate["checker"])
     table.add_row("input / output", f"{gate['input']} -> {gate['output']}")
     table.add_row("ONNX Runtime vs PyTorch",
                   f"{metrics['images']} val images at batch {'/'.join(map(str, metrics['batch_sizes']))}: "
-                  f"max |Δlogit| {metrics['max_abs_diff']:.3g} (<= {metrics['atol']:g}), "
+                  f"max |Δlogit| {metrics['max_abs_diff']:.3g} (<= {metrics.get('tolerance', metrics['atol']):.3g}), "
                   f"top-1 agreement {metrics['top1_agreement']:.2f} %")
     table.add_row("initialisers", f"{init['graph_tensors']} float tensors = the pruned network's "
                                   f"{init['network_tensors']} ({init['network_elements']} values); "

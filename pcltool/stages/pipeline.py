@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
+
 from pcltool.errors import RunDirError, StaleArtifactError
 from pcltool.manifest import MANIFEST, RunDir, sha256_file
 from pcltool.stages.bench import DEFAULT_BATCHES
 from pcltool.stages.bench_table import print_table
+from pcltool.stages.build import DEFAULT_MIN_AGREEMENT
 
 PIPELINE_BUILDS = ("fp32", "int8")
 
@@ -41,8 +44,8 @@ def find_run(recipe, run_path: Path | None) -> RunDir | None:
     found = []
     for manifest in Path(recipe.output.runs_dir).glob(f"*/{MANIFEST}"):
         try:
-            doc = json.loads(manifest.read_text())
-        except (OSError, ValueError):
+            doc = RunDir(manifest.parent).read()
+        except (OSError, RunDirError):  # a damaged sibling is not this recipe's run
             continue
         if doc.get("recipe") == resolved:
             found.append((doc.get("created", ""), manifest.parent))
@@ -51,7 +54,7 @@ def find_run(recipe, run_path: Path | None) -> RunDir | None:
 
 def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engines=("torch", "ort"),
                  batches=DEFAULT_BATCHES, device: str = "auto", calib_images: int = 512, max_top1_drop: float = 1.0,
-                 console=None) -> Path:
+                 console=None, min_agreement: float = DEFAULT_MIN_AGREEMENT) -> Path:
     """Run every stage that is not up to date; returns the run directory."""
     from pcltool.distributed import train_entry
     from pcltool.stages.bench import run_bench
@@ -66,7 +69,7 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
         raise RunDirError(f"{run.path} was started from a different recipe (or --set values); pass another --run "
                           "to start a new run")
     if run is not None and is_fresh(run, "train"):
-        say(f"train: up to date in {run.path}")
+        say(f"train: up to date in {escape(str(run.path))}")
     elif run is not None and (run.stage("train") or {}).get("status") == "done":
         raise StaleArtifactError(f"{run.path}: the training outputs changed since they were recorded; start a new "
                                  "run with --run NEW_DIR instead of editing artifacts by hand")
@@ -87,11 +90,11 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
         for precision in PIPELINE_BUILDS:
             key = f"build:ort-{precision}:{candidate}"
             wanted = {"calib_images": calib_images} if precision == "int8" else {}
-            if is_fresh(run, key, {**wanted, "max_top1_drop": max_top1_drop}):
+            if is_fresh(run, key, {**wanted, "max_top1_drop": max_top1_drop, "min_agreement": min_agreement}):
                 say(f"build: {key} up to date")
             else:
                 run_build(run, "ort", precision, peer=candidate, calib_images=calib_images,
-                          max_top1_drop=max_top1_drop, console=console)
+                          max_top1_drop=max_top1_drop, console=console, min_agreement=min_agreement)
         if device == "auto":
             import torch
 
@@ -104,5 +107,5 @@ def run_pipeline(recipe, run_path: Path | None = None, peer: str = "mean", engin
             doc = run_bench(run, engines, batches, device, peer=candidate, console=console)
     if console is not None:
         print_table(console, doc)
-        console.print(f"plot: {run.path / 'bench.png'}\nrun:  {run.path}")
+        console.print(f"plot: {escape(str(run.path / 'bench.png'))}\nrun:  {escape(str(run.path))}")
     return run.path

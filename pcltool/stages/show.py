@@ -27,21 +27,29 @@ def _short_metrics(metrics: dict) -> str:
     return "\n".join(parts)
 
 
-def manifest_table(path: Path, manifest: dict):
+def manifest_table(path: Path, manifest: dict, interrupted: set[str] = frozenset()):
+    """The manifest as a table; stages in ``interrupted`` (recorded "running", but no process holds the run) are
+    shown as interrupted."""
+    from rich.markup import escape
     from rich.table import Table
 
     env = manifest.get("environment", {})
-    title = (f"{path}  ·  run {manifest.get('run_id', '?')[:12]}  ·  recipe {manifest.get('recipe', {}).get('name')}  ·  "
+    title = (f"{escape(str(path))}  ·  run {manifest.get('run_id', '?')[:12]}  ·  "
+             f"recipe {escape(str(manifest.get('recipe', {}).get('name')))}  ·  "
              f"torch {env.get('torch')}  ·  {env.get('gpu', 'cpu')}")
     table = Table(title=title, show_lines=True)
     for col in ("stage", "status", "started", "finished", "outputs", "metrics"):
         table.add_column(col, overflow="fold")
     for key, rec in manifest.get("stages", {}).items():
-        style = {"done": "green", "failed": "red", "running": "yellow"}.get(rec.get("status"), "")
-        outputs = "\n".join(f"{k}: {v['path']} ({v['sha256'][:10]})" for k, v in rec.get("outputs", {}).items())
-        metrics = _short_metrics(rec.get("metrics", {}))
+        status = "interrupted" if key in interrupted else rec.get("status")
+        style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta"}.get(status, "")
+        outputs = "\n".join(f"{k}: {escape(v['path'])} ({v['sha256'][:10]})" for k, v in rec.get("outputs", {}).items())
+        metrics = escape(_short_metrics(rec.get("metrics", {})))
+        if key in interrupted:
+            metrics = ("[magenta]interrupted: recorded as running, but no pcltool process holds the run "
+                       "(killed?); run the stage again (train: --resume)[/]\n" + metrics)
         if rec.get("error"):
-            metrics = f"[red]{rec['error']}[/]\n" + metrics
-        table.add_row(key, f"[{style}]{rec.get('status')}[/]", rec.get("started", ""), rec.get("finished", ""),
+            metrics = f"[red]{escape(rec['error'])}[/]\n" + metrics
+        table.add_row(escape(key), f"[{style}]{status}[/]", rec.get("started", ""), rec.get("finished", ""),
                       outputs, metrics)
     return table

@@ -11,7 +11,7 @@ import torch
 
 from pcltool.config import Recipe, recipe_from_dict
 from pcltool.errors import RunDirError, TrainingDivergedError, UsageError
-from pcltool.manifest import RunDir, atomic_path
+from pcltool.manifest import RunDir, atomic_write_text
 from pcltool.stages.report import TrainReporter
 from pcltool.trainer import DistributedContext, PCLTrainer
 
@@ -33,14 +33,61 @@ def resolve_device(choice: str, dist_ctx: DistributedContext | None = None) -> t
     return torch.device("cpu")
 
 
+DIVERGENCE_FACTOR = 100.0
+
+
 def load_checkpoint(path: Path) -> dict:
     """Checkpoints hold only tensors and plain data, so they load with ``weights_only=True`` (no code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path} is not a checkpoint pcltool can load safely ({first}); it was refused without "
+                          "running any code from it. Use a checkpoint written by pcltool") from None
 
 
-def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
+def _stage_file(obj: dict, path: Path) -> Path:
+    """Write ``obj`` to a complete, fsynced temporary file beside ``path`` (put in place by ``replace_outputs``)."""
+    import errno
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
         torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and "writ" in str(err) and _disk_nearly_full(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None  # torch wraps ENOSPC
+        raise
+    return Path(tmp)
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def check_divergence(loss: float, reference: float | None, epoch: int, step: int, run: RunDir | None) -> None:
+    """The divergence rule: a logged loss that is NaN or infinite, or more than ``DIVERGENCE_FACTOR`` times the
+    first loss this process logged, stops training (the last checkpoint is kept). A PCL loss starts near
+    (peers + 1) x ln(classes) and only falls while training works; a hundredfold rise is an exploding run
+    (e.g. ``train.lr=20``: 1.7e17 at chance accuracy), not noise."""
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(_diverged_message(epoch, step, run))
+    if reference is not None and loss > DIVERGENCE_FACTOR * max(reference, 1e-3):
+        raise TrainingDivergedError(_diverged_message(epoch, step, run, f"rose to {loss:.3g}, more than "
+                                                      f"{DIVERGENCE_FACTOR:g}x its first value {reference:.3g}"))
 
 
 def best_single_branch(val: dict) -> float:
@@ -53,9 +100,8 @@ class _MetricsLog:
     def __init__(self, path: Path, keep_epochs_below: int | None = None):
         self.path = path
         if keep_epochs_below is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("epoch", 0) <= keep_epochs_below]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in _log_records(path) if json.loads(line).get("epoch", 0) <= keep_epochs_below]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._file = path.open("a")
         self._tb = None
         try:
@@ -77,6 +123,20 @@ class _MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _log_records(path: Path) -> list[str]:
+    """The complete JSON lines of a metrics log; a line cut short (a kill or a full disk mid-write) is dropped."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            if isinstance(json.loads(line), dict):
+                lines.append(line)
+        except json.JSONDecodeError:
+            continue
+    return lines
 
 
 def _flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
@@ -107,9 +167,10 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     if record and record.get("status") == "done":
         run.release()
         raise RunDirError(f"{path}: training already finished; nothing to resume")
-    if not record or "checkpoint" not in record.get("outputs", {}):
+    if not record or "checkpoint" not in {**record.get("outputs", {}), **record.get("pending_outputs", {})}:
         return run, None  # killed before its first checkpoint: start from scratch in the same directory
-    ckpt = run.verify(record["outputs"]["checkpoint"], "train/checkpoint")
+    ckpt = run.verify_output("train", "checkpoint")
+    run.settle_pending("train")
     return run, load_checkpoint(ckpt)
 
 
@@ -126,25 +187,28 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
         run.begin("train", params={"device": str(device), "world_size": dist_ctx.world_size,
                                    "resumed_from_epoch": trainer.epoch if state else None,
                                    "steps_per_epoch": trainer.steps_per_epoch}, keep_outputs=state is not None)
-        for warning in data.warnings:
-            run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
-    reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
     best = state.get("best_val", -1.0) if state else -1.0
     wall_start = time.perf_counter()
     val = {}
-    try:
+    first_loss: list[float] = []
+    try:  # from here on, any exit (SIGTERM and Ctrl-C included) is recorded
+        for warning in data.warnings if run else ():
+            run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
+        reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
         with reporter:
             while trainer.epoch < recipe.train.epochs:
                 def on_log(rec: dict) -> None:
-                    if not math.isfinite(rec["total"]):
-                        raise TrainingDivergedError(_diverged_message(rec["epoch"], rec["step"], run))
+                    check_divergence(rec["total"], first_loss[0] if first_loss else None, rec["epoch"], rec["step"],
+                                     run)
+                    if not first_loss:
+                        first_loss.append(rec["total"])
                     reporter.update(rec)
                     if log:
                         log.write({"kind": "train", **rec})
 
                 stats = trainer.train_epoch(on_log)
-                if not math.isfinite(stats["total"]):
-                    raise TrainingDivergedError(_diverged_message(trainer.epoch, trainer.step, run))
+                check_divergence(stats["total"], first_loss[0] if first_loss else None, trainer.epoch, trainer.step,
+                                 run)
                 val_start = time.perf_counter()
                 val = trainer.evaluate(data.val)
                 val_seconds = time.perf_counter() - val_start
@@ -155,28 +219,27 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
                            "disagreement": val["disagreement"], "train_images_per_s": stats["images_per_s"],
                            "epoch_seconds": stats["seconds"], "val_seconds": val_seconds,
                            **({"compile_seconds": stats["compile_seconds"]} if "compile_seconds" in stats else {})})
-                outputs = {}
+                staged = {}
                 score = best_single_branch(val)
                 checkpoint = trainer.state_dict()
                 if recipe.train.checkpoint_best and score > best:
                     best = score
-                    _save({"live": checkpoint["live"], "mean": checkpoint["mean"], "epoch": trainer.epoch,
-                           "val_top1": val["top1"], "recipe": checkpoint["recipe"]}, ckpt_dir / BEST)
-                    outputs["best_checkpoint"] = ckpt_dir / BEST
+                    staged["best_checkpoint"] = (_stage_file({
+                        "live": checkpoint["live"], "mean": checkpoint["mean"], "epoch": trainer.epoch,
+                        "val_top1": val["top1"], "recipe": checkpoint["recipe"]}, ckpt_dir / BEST), ckpt_dir / BEST)
                 checkpoint["best_val"] = best
-                _save(checkpoint, ckpt_dir / LAST)
-                outputs["checkpoint"] = ckpt_dir / LAST
-                outputs["metrics_log"] = run.path / METRICS_LOG
-                described = {k: run.describe(p) for k, p in outputs.items()}
+                staged["checkpoint"] = (_stage_file(checkpoint, ckpt_dir / LAST), ckpt_dir / LAST)
+                log_record = run.describe(run.path / METRICS_LOG)
 
-                def progress(m: dict, described=described, val=val, stats=stats) -> None:
+                def progress(m: dict, log_record=log_record, val=val, stats=stats) -> None:
                     rec = m["stages"]["train"]
-                    rec["outputs"].update(described)
+                    rec["outputs"]["metrics_log"] = log_record
                     rec["metrics"].update(epochs_done=trainer.epoch, step=trainer.step, val_top1=val["top1"],
                                           val_disagreement=val["disagreement"],
                                           train_images_per_s=stats["images_per_s"], best_val_top1=best)
 
-                run.update(progress)
+                # checkpoint, its hash and the epoch's metrics: one recoverable step (see RunDir.replace_outputs)
+                run.replace_outputs("train", staged, progress)
         test = trainer.evaluate(data.test)
         metrics = {"epochs_done": trainer.epoch, "step": trainer.step, "val_top1": val.get("top1"),
                    "test_top1": test["top1"], "test_disagreement": test["disagreement"],
@@ -199,9 +262,9 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
             log.close()
 
 
-def _diverged_message(epoch: int, step: int, run: RunDir | None) -> str:
+def _diverged_message(epoch: int, step: int, run: RunDir | None, how: str = "became NaN or infinite") -> str:
     where = f"; the last good checkpoint is kept in {run.path / CHECKPOINT_DIR / LAST}" if run else ""
-    return (f"the training loss became NaN or infinite at epoch {epoch}, step {step}{where}. "
+    return (f"training diverged: the loss {how} at epoch {epoch}, step {step}{where}. "
             "Lower train.lr, use train.precision=fp32 or bf16, or check the data")
 
 
