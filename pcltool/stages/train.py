@@ -96,7 +96,7 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     path = run_path or RunDir.latest(Path(recipe.output.runs_dir))
     run = RunDir.open(path)
     run.acquire()
-    saved = run.recipe
+    saved = recipe_from_dict(run.recipe, source=str(run.manifest_path)).resolved()  # keys added since: defaults
     if saved != recipe.resolved():
         old, new = _flatten(saved, sep="."), _flatten(recipe.resolved(), sep=".")
         diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -128,6 +128,10 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
                                    "steps_per_epoch": trainer.steps_per_epoch}, keep_outputs=state is not None)
         for warning in data.warnings:
             run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
+        if state is None or "data" not in run.read():  # a resumed run keeps what its first attempt recorded
+            from pcltool.stages.data import record_data
+
+            record_data(run, data)
     reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
     best = state.get("best_val", -1.0) if state else -1.0
     wall_start = time.perf_counter()
