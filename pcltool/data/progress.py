@@ -7,6 +7,7 @@ import sys
 import time
 
 LINE_EVERY_S = 10.0
+QUIET_BELOW = 1000  # smaller jobs announce nothing up front (they end within seconds)
 
 
 class ProgressLine:
@@ -20,6 +21,9 @@ class ProgressLine:
         self.start = self.last = time.perf_counter()
         self.done = 0
         self.shown = False
+        if enabled and not self.tty and total >= QUIET_BELOW:
+            self.stream.write(f"{what}: {total} items\n")
+            self.stream.flush()
 
     def update(self, done: int) -> None:
         self.done = done
