@@ -179,3 +179,43 @@ def test_resize_follows_image_size_and_odd_ratios_are_caught(tmp_path):
         load_dataset(DataConfig(**cfg, image_size=16, resize_size=12))
     bundle = load_dataset(DataConfig(**cfg, image_size=16, resize_size=28))
     assert any("1.75x" in w and "leave data.resize_size" in w for w in bundle.warnings)
+
+
+def test_select_refuses_changed_data_with_one_clean_line(folder_run):
+    from typer.testing import CliRunner
+
+    from pcltool.cli import app
+    from pcltool.stages import data as run_data
+
+    path, _, files = folder_run
+    extra = files["train"][0].parent / "added-later.png"
+    extra.write_bytes(files["train"][0].read_bytes())
+    run_data._CACHE.clear()
+    try:
+        result = CliRunner().invoke(app, ["select", str(path)])
+    finally:
+        extra.unlink()
+        run_data._CACHE.clear()
+    assert result.exit_code == 3, result.output
+    assert "changed since this run was trained: 1 added (train/circle/added-later.png)" in result.output
+    assert "PCLTOOL_ALLOW_DATA_CHANGE=1" in result.output and "Traceback" not in result.output
+
+
+def test_run_from_before_fingerprints_still_loads_with_one_warning(trained_run_template, tmp_path, capsys):
+    import shutil
+
+    from pcltool.stages import data as run_data
+    from pcltool.stages.train import recipe_of_run
+
+    path = shutil.copytree(trained_run_template, tmp_path / "old")
+    (path / ".lock").unlink(missing_ok=True)
+    run = RunDir.open(path)
+    manifest = run.read()
+    assert manifest["data"]["fingerprint"]["kind"] == "digits"
+    del manifest["data"]
+    run._write(manifest)
+    run_data._CACHE.clear()
+    for _ in range(2):
+        run_data._CACHE.clear()
+        assert len(run_data.load_data(recipe_of_run(run), run).test) > 0
+    assert capsys.readouterr().err.count("trained before pcltool recorded data fingerprints") == 1
