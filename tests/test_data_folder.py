@@ -48,7 +48,8 @@ def test_cifar_fingerprint_and_not_found_message(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes() + b"\0")
     with pytest.raises(DataError, match="data_batch_2 differ from the md5 sums recorded"):
-        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), val_size=10), {"fingerprint": bundle.fingerprint})
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), val_size=10),
+                     {"fingerprint": bundle.fingerprint})
     with pytest.raises(DataError, match='data.dataset="image_folder"'):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path / "nowhere")))
 
@@ -192,3 +193,20 @@ def test_progress_lines_when_not_a_terminal():
     progress.close()
     lines = out.getvalue().splitlines()
     assert len(lines) >= 4 and lines[0].startswith("decoding x: 1/100") and "\r" not in out.getvalue()
+
+
+def test_training_prints_lines_when_not_a_terminal(monkeypatch):
+    from rich.console import Console
+
+    from pcltool.stages import report
+
+    monkeypatch.setattr(report, "LINE_EVERY_S", 0.0)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    rec = {"epoch": 1, "batch": 5, "batches": 10, "total": 1.5, "lr": 0.1, "images_per_s": 100.0, "ce_peers": 1.0,
+           "ce_ensemble": 1.0, "kd_ensemble": 0.0, "kd_mean": 0.0, "lambda": 0.0}
+    with report.TrainReporter(console, epochs=3) as reporter:
+        reporter.update(rec)
+        reporter.update({**rec, "batch": 10})
+    assert out.getvalue().splitlines() == ["epoch 1/3 step 5/10  loss 1.500  lr 0.1  100 img/s",
+                                           "epoch 1/3 step 10/10  loss 1.500  lr 0.1  100 img/s"]

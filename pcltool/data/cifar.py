@@ -62,8 +62,8 @@ def find_cifar_folder(name: str, root: str | Path) -> Path:
         if (candidate / _LAYOUTS[name]["meta"][0]).is_file():
             return candidate
     raise DataError(f"{name}: no {folder} found at {root} (expected {root / folder}/{_LAYOUTS[name]['meta'][0]}); "
-                    f"point data.root at it, set data.download=true where the network allows, or for a folder of image files "
-                    f"use data.dataset=\"image_folder\" (ROOT/train/<class>/*, ROOT/test/<class>/*)")
+                    f"point data.root at it, set data.download=true where the network allows, or for a folder "
+                    f"of image files use data.dataset=\"image_folder\" (ROOT/train/<class>/*, ROOT/test/<class>/*)")
 
 
 def download_cifar(name: str, root: str | Path) -> Path:

@@ -35,9 +35,9 @@ class Preprocessing:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["color"] = "L" if self.channels == 1 else "RGB"
-        d["steps"] = (f"convert to {d['color']}; resize the shorter side to {self.resize_size} ({self.interpolation}); "
-                      f"centre crop {self.resize_size}x{self.resize_size}; centre crop {self.crop_size}x{self.crop_size}; "
-                      "scale to [0, 1]; subtract mean, divide by std per channel")
+        r, c = self.resize_size, self.crop_size
+        d["steps"] = (f"convert to {d['color']}; resize the shorter side to {r} ({self.interpolation}); centre crop "
+                      f"{r}x{r}; centre crop {c}x{c}; scale to [0, 1]; subtract mean, divide by std per channel")
         return d
 
 
