@@ -148,7 +148,7 @@ def take_subset(files: list[Path], labels: list[int], subset: float | None, seed
 # --- decoding ------------------------------------------------------------------------------------------------------
 def decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str, str | None]:
     """``(uint8 (3, size, size) or None, sha256 of the file, error or None)``; never raises."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         raw = path.read_bytes()
@@ -160,6 +160,8 @@ def decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str, str | No
             img = resize_and_crop(img.convert("RGB"), size)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), digest, None
     except Exception as err:  # Pillow raises many types for damaged files; each becomes one line of the report
+        if isinstance(err, UnidentifiedImageError):
+            return None, digest, "UnidentifiedImageError: not an image format Pillow can decode"
         return None, digest, f"{type(err).__name__}: {err}"
 
 
