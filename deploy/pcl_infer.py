@@ -3,8 +3,9 @@
 
 Standalone: numpy, Pillow, and onnxruntime (``.onnx``) or tensorrt (``.plan``); no PyTorch, no pcltool. The
 preprocessing is the one recorded in the model (ONNX metadata ``pcltool.*``; for a TensorRT engine, the
-``metadata`` in the fingerprint JSON saved beside it): grey-scale or RGB, resize (shorter side) and centre crop to
-the input size, scale to [0, 1], subtract the mean and divide by the std per channel.
+``metadata`` in the fingerprint JSON saved beside it): grey-scale or RGB, shorter side resized to ``resize_size``
+(bilinear), centre crop to a square and then to the input size, scale to [0, 1], subtract the mean and divide by
+the std per channel — exactly what pcltool's evaluation and ``pcltool bench`` do.
 
     python pcl_infer.py model.onnx images/ [--top-k 3] [--batch 32] [--json]
 
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
-JSON_KEYS = ("class_names", "mean", "std", "input_size")
+JSON_KEYS = ("class_names", "mean", "std", "input_size", "resize_size", "preprocessing")
 
 
 # --- preprocessing ------------------------------------------------------------------------------------------------
@@ -49,19 +50,29 @@ class Preprocessing:
     def load(self, path: Path) -> np.ndarray:
         """Normalised float32 (C, H, W); for a raw-input model (``uint8-nhwc``) the uint8 (H, W, C) pixels."""
         with Image.open(path) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            if img.size != (self.width, self.height):
-                scale = self.resize / min(img.size)
-                img = img.resize((max(self.width, round(img.width * scale)), max(self.height, round(img.height * scale))),
-                                 Image.BILINEAR)
-                left, top = (img.width - self.width) // 2, (img.height - self.height) // 2
-                img = img.crop((left, top, left + self.width, top + self.height))
-            pixels = np.asarray(img, dtype=np.uint8)
+            img = _resize_and_crop(img.convert("L" if self.channels == 1 else "RGB"), self.resize)
+            top, left = (self.resize - self.height) // 2, (self.resize - self.width) // 2
+            pixels = np.asarray(img.crop((left, top, left + self.width, top + self.height)), dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]  # (H, W, 1)
         if self.raw:
             return np.ascontiguousarray(pixels)
         return (pixels.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
+
+
+def _resize_and_crop(img, size: int):
+    """Shorter side to ``size`` (bilinear; the longer side scaled and truncated), centre ``size`` x ``size`` crop:
+    pcltool's decoding (``pcltool.data.preprocess.resize_and_crop``), which training and evaluation used."""
+    if img.width <= img.height:
+        new = (size, max(size, int(size * img.height / img.width)))
+    else:
+        new = (max(size, int(size * img.width / img.height)), size)
+    if img.size != new:
+        img = img.resize(new, Image.BILINEAR)
+    if img.size != (size, size):
+        left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    return img
 
 
 def _decode(meta: dict) -> dict:

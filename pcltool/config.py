@@ -43,11 +43,18 @@ class DataConfig(_Section):
     augment: Literal["crop_flip", "crop", "random_resized_crop_flip", "none"] = "crop_flip"
     pad: int = Field(4, ge=0, le=64, description="zero padding before the random crop (crop augmentations)")
     image_size: int = Field(32, ge=8, le=1024, description="network input size (image_folder: crop size)")
-    resize_size: int | None = Field(None, ge=8, le=2048, description="image_folder: decode size before cropping (default image_size*8/7)")
+    resize_size: int | None = Field(None, ge=8, le=2048, description="image_folder: shorter side decoded before the centre crop (default image_size * resize_ratio)")
+    resize_ratio: float = Field(1.0, ge=1.0, le=2.0, description="image_folder: resize_size / image_size when resize_size is unset (1: no zoom; ImageNet: 1.143 = 256/224)")
     scale: tuple[float, float] = Field((0.08, 1.0), strict=False, description="random-resized-crop area range")
     mean: tuple[float, ...] | None = Field(None, strict=False, description="per-channel normalisation mean (default: dataset's)")
     std: tuple[float, ...] | None = Field(None, strict=False, description="per-channel normalisation std (default: dataset's)")
-    workers: int = Field(2, ge=0, le=64, description="image_folder: decoding processes")
+    workers: int | None = Field(None, ge=0, le=64, description="image_folder: decoding processes (default: the machine's CPU count, at most 8)")
+    test_split: str | None = Field(None, description="image_folder: folder under root holding the held-out test split (default: test, else val)")
+    test_labels: str | None = Field(None, description="image_folder: labels of the test split from a file: 'file<TAB>class' lines (Tiny-ImageNet val_annotations.txt) or CSV 'file,class'; relative to the test split folder")
+    class_names_file: str | None = Field(None, description="image_folder: human class names, 'id<TAB>name' or 'id,name' per line (Tiny-ImageNet words.txt)")
+    subset: float | None = Field(None, gt=0, description="image_folder: a seeded draw per class for quick trials: a fraction (<1) or a count per class")
+    subset_seed: int = 0
+    skip_unreadable: bool = Field(False, description="image_folder: leave out files that cannot be decoded (listed in the manifest) instead of stopping")
     on_device: bool = Field(True, description="hold the decoded uint8 dataset on the training device")
 
     @model_validator(mode="after")

@@ -63,7 +63,8 @@ def train_entry(recipe, run_path: Path | None, resume: bool, console):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=dist_timeout())
     try:
-        data = load_dataset(recipe.data)  # before any run directory exists: bad data leaves nothing behind
+        # before any run directory exists: bad data leaves nothing behind; a resumed run's data is checked
+        data = load_dataset(recipe.data, _recorded_data(recipe, run_path) if resume else None)
         run, state = None, None
         if ctx.is_main:
             run, state = prepare_run(recipe, run_path, resume)
@@ -93,6 +94,18 @@ def train_entry(recipe, run_path: Path | None, resume: bool, console):
     finally:
         if ctx.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _recorded_data(recipe, run_path: Path | None) -> dict | None:
+    """What the run being resumed recorded about its data (None when there is no such run yet)."""
+    from pcltool.errors import RunDirError
+    from pcltool.manifest import RunDir
+    from pcltool.stages.data import expected_data
+
+    try:
+        return expected_data(RunDir.open(run_path or RunDir.latest(Path(recipe.output.runs_dir))))
+    except RunDirError:
+        return None  # prepare_run reports the missing run
 
 
 def _rank_message(ctx, err: BaseException) -> str:

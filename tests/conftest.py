@@ -22,6 +22,14 @@ def _cpu_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _decoded_cache(tmp_path_factory):
+    """Decoded image folders are cached under the session's temporary directory, never the user's cache."""
+    import os
+
+    os.environ["PCLTOOL_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded-cache"))
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     """A 2-epoch quickstart recipe whose runs go under tmp_path/runs."""

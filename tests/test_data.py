@@ -100,7 +100,7 @@ def test_image_folder_with_grey_images(tmp_path):
                                      workers=0, augment="random_resized_crop_flip"))
     assert bundle.class_names == ["cat", "dog"] and bundle.in_channels == 3
     assert len(bundle.train) == 8 and len(bundle.test) == 12
-    assert bundle.train.images.shape[1:] == (3, 18, 18)  # decoded at resize_size = 16*8/7
+    assert bundle.train.images.shape[1:] == (3, 16, 16)  # decoded at resize_size = image_size (no zoom)
 
 
 def test_image_folder_corrupt_file_is_named(tmp_path):

@@ -1,7 +1,9 @@
 """CIFAR-10/100 in the standard "python version" layout, read directly from the pickles.
 
 The files are checked against the official release's md5 sums; a copy that differs (re-encoded file names, for
-instance) still loads, with a warning, as long as the pixels and labels have the official shapes."""
+instance) still loads, with a warning, as long as the pixels and labels have the official shapes. Every file is
+read with a restricted unpickler that admits only the numpy arrays, lists, dicts, strings and bytes of the standard
+layout, so a planted file cannot run code whatever its md5 (a pickle's globals are the only way it can)."""
 
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def find_cifar_folder(name: str, root: str | Path) -> Path:
         if (candidate / _LAYOUTS[name]["meta"][0]).is_file():
             return candidate
     raise DataError(f"{name}: no {folder} found at {root} (expected {root / folder}/{_LAYOUTS[name]['meta'][0]}); "
-                    f"point data.root at it, or set data.download=true where the network allows")
+                    f"point data.root at it, set data.download=true where the network allows, or for a folder "
+                    f"of image files use data.dataset=\"image_folder\" (ROOT/train/<class>/*, ROOT/test/<class>/*)")
 
 
 def download_cifar(name: str, root: str | Path) -> Path:
@@ -74,18 +77,39 @@ def download_cifar(name: str, root: str | Path) -> Path:
     return find_cifar_folder(name, root)
 
 
+# The only globals the standard layout's pickles reference (numpy arrays; ``_codecs.encode`` is how Python 3
+# writes bytes at protocol 2). Each is a constructor of plain data: none can run anything else.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only arrays, lists, "
+                                         "dicts, strings and bytes")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1")
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"missing file {path}") from None
     except Exception as err:
-        raise DataError(f"cannot read {path}: {err}") from None
+        raise DataError(f"cannot read {path}: {err}; replace it with the official release's file") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict (the CIFAR python layout), got {type(obj).__name__}")
+    return obj
 
 
-def load_cifar(name: str, root: str | Path, download: bool = False):
-    """Return ``(train_images, train_labels, test_images, test_labels, class_names, warnings)``; images uint8 NCHW."""
+def load_cifar(name: str, root: str | Path, download: bool = False, expected_md5: dict | None = None):
+    """Return ``(train_images, train_labels, test_images, test_labels, class_names, warnings, md5s)``; images uint8
+    NCHW; ``md5s`` maps each file of the layout to its md5 (the data's fingerprint)."""
     layout = _LAYOUTS[name]
     try:
         folder = find_cifar_folder(name, root)
@@ -94,8 +118,19 @@ def load_cifar(name: str, root: str | Path, download: bool = False):
             raise
         folder = download_cifar(name, root)
     warnings = []
-    mismatched = [f for f, md5 in {**layout["train"], **layout["test"], layout["meta"][0]: layout["meta"][1]}.items()
-                  if (folder / f).is_file() and _md5(folder / f) != md5]
+    official = {**layout["train"], **layout["test"], layout["meta"][0]: layout["meta"][1]}
+    missing = [f for f in official if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{name} at {folder}: missing {', '.join(missing)}; copy the whole {layout['folder']} folder")
+    md5s = {f: _md5(folder / f) for f in official}  # before anything is unpickled
+    if expected_md5 is not None and expected_md5 != md5s:
+        from pcltool.data.fingerprint import allow_data_change, changed_error
+
+        changed = sorted(f for f in md5s if expected_md5.get(f) != md5s[f])
+        if not allow_data_change():
+            raise changed_error(str(folder), f"{', '.join(changed)} differ from the md5 sums recorded at training")
+        warnings.append(f"{name} at {folder}: {', '.join(changed)} changed since training (allowed by the override)")
+    mismatched = [f for f, md5 in official.items() if md5s[f] != md5]
     if mismatched:
         warnings.append(f"{name} at {folder}: {', '.join(mismatched)} differ from the official release's md5 sums; "
                         "loading anyway (shapes and labels are checked)")
@@ -105,7 +140,7 @@ def load_cifar(name: str, root: str | Path, download: bool = False):
         for fname in files:
             batch = _unpickle(folder / fname)
             data = np.asarray(batch.get("data"))
-            if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+            if data.dtype == object or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
                 raise DataError(f"{folder / fname}: 'data' must be an (N, 3072) uint8 array, got {data.shape} {data.dtype}")
             images.append(data.reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[layout["label_key"]], dtype=np.int64))
@@ -117,4 +152,4 @@ def load_cifar(name: str, root: str | Path, download: bool = False):
     for split, y in (("train", train_y), ("test", test_y)):
         if y.min() < 0 or y.max() >= len(class_names):
             raise DataError(f"{name} {split} labels outside 0..{len(class_names) - 1}")
-    return train_x, train_y, test_x, test_y, class_names, warnings
+    return train_x, train_y, test_x, test_y, class_names, warnings, md5s

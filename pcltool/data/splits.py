@@ -82,19 +82,43 @@ class DatasetBundle:
     in_channels: int
     image_size: int
     warnings: list[str] = field(default_factory=list)
+    resize_size: int | None = None  # decode size (image folders); None: images used at their stored size
+    fingerprint: dict = field(default_factory=dict)  # what the data was (pcltool.data.fingerprint)
+    listing: list[str] | None = None  # image folders: the file listing the fingerprint hashes
+    skipped: list[dict] = field(default_factory=list)  # unreadable files left out (data.skip_unreadable)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def preprocessing(self):
+        """The contract every consumer follows (:class:`pcltool.data.preprocess.Preprocessing`)."""
+        from pcltool.data.preprocess import Preprocessing
 
-def carve_validation(num_train: int, val_size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split train indices into (train, val). ``val_size`` < 1 is a fraction, otherwise a count."""
+        return Preprocessing(self.resize_size or self.image_size, self.image_size, self.in_channels,
+                             tuple(self.mean), tuple(self.std))
+
+    def record(self) -> dict:
+        """What a run stores about its data in the manifest (``data``)."""
+        return {"dataset": self.name, "fingerprint": self.fingerprint, "preprocessing": self.preprocessing.as_dict(),
+                "classes": len(self.class_names), "train": len(self.train), "val": len(self.val),
+                "test": len(self.test), "skipped": self.skipped, "warnings": self.warnings}
+
+
+def validation_count(num_train: int, val_size: float) -> int:
+    """Images carved for validation; raises before anything is decoded when ``val_size`` does not fit."""
     count = int(round(val_size * num_train)) if val_size < 1 else int(val_size)
     if not 0 < count < num_train:
         from pcltool.errors import RecipeError
 
         raise RecipeError(f"data.val_size={val_size} gives {count} validation images out of {num_train}; "
                           f"use a fraction in (0, 1) or a count below {num_train}")
+    return count
+
+
+def carve_validation(num_train: int, val_size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split train indices into (train, val). ``val_size`` < 1 is a fraction, otherwise a count."""
+    count = validation_count(num_train, val_size)
     perm = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
     return perm[count:].sort().values, perm[:count].sort().values

@@ -27,7 +27,7 @@ from pcltool.runtime import Engine
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 META_PREFIX = "pcltool."
-JSON_KEYS = ("class_names", "mean", "std", "input_size")
+JSON_KEYS = ("class_names", "mean", "std", "input_size", "resize_size", "preprocessing")
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -92,7 +92,8 @@ def write_repository(out: Path, name: str, engine: str, model_file: Path, meta: 
                                                        preferred_batch, "uint8" if raw else "float32", gpu, instances))
         (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
         (tmp / "preprocessing.json").write_text(json.dumps(
-            {k: meta.get(k) for k in ("input_size", "mean", "std", "input_format", "resize_size") if k in meta},
+            {k: meta.get(k) for k in ("input_size", "mean", "std", "input_format", "resize_size", "interpolation",
+                                      "preprocessing") if k in meta},
             indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)

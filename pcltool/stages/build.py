@@ -101,12 +101,16 @@ def load_run_data(run: RunDir, meta: dict):
     from pcltool.stages.select import load_data
     from pcltool.stages.train import recipe_of_run
 
-    data = load_data(recipe_of_run(run))
+    data = load_data(recipe_of_run(run), run)
     for key, expected in (("mean", data.mean), ("std", data.std)):
         recorded = meta.get(key)
         if recorded is not None and not np.allclose(recorded, expected, atol=1e-6):
             raise VerificationError(f"the model's metadata records {key}={recorded} but the run's dataset uses "
                                     f"{list(expected)}; re-export the model")
+    resize = meta.get("resize_size")
+    if resize is not None and int(resize) != data.preprocessing.resize_size:
+        raise VerificationError(f"the model's metadata records resize_size={resize} but the run decodes images at "
+                                f"{data.preprocessing.resize_size}; re-export the model")
     if meta.get("input_format", FLOAT_FORMAT) not in (FLOAT_FORMAT, RAW_FORMAT):
         raise VerificationError(f"unknown pcltool.input_format {meta['input_format']!r}; re-export the model")
     return data

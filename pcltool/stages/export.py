@@ -14,7 +14,8 @@ Inputs:
   ``(x / 255 - mean) / std`` runs inside the graph (``uint8-nhwc``). For callers that hold raw pixels and want
   the preprocessing to travel with the model; resizing/cropping stays the caller's.
 
-Metadata: ``pcltool.class_names``, ``pcltool.mean``, ``pcltool.std``, ``pcltool.input_size`` (JSON), plus
+Metadata: ``pcltool.class_names``, ``pcltool.mean``, ``pcltool.std``, ``pcltool.input_size``, ``pcltool.resize_size``,
+``pcltool.preprocessing`` (JSON: the whole preprocessing contract), ``pcltool.interpolation``, plus
 ``pcltool.candidate``, ``pcltool.arch``, ``pcltool.run_id``, ``pcltool.input_format``, ``pcltool.source``.
 """
 
@@ -177,6 +178,14 @@ def _gate_chunks(split, view_maker, options: ExportOptions, image_size: int) -> 
         yield onnx_in, torch_in
 
 
+def preprocessing_metadata(data) -> dict[str, str]:
+    """The run's preprocessing contract (:mod:`pcltool.data.preprocess`) as ONNX metadata: what
+    ``deploy/pcl_infer.py``, the Triton bundle and ``bench`` apply to an image file."""
+    pre = data.preprocessing.as_dict()
+    return {"pcltool.resize_size": json.dumps(pre["resize_size"]), "pcltool.interpolation": pre["interpolation"],
+            "pcltool.preprocessing": json.dumps(pre)}
+
+
 def _done(record: dict | None) -> bool:
     return record is not None and record.get("status") == "done"
 
@@ -222,7 +231,7 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
         card = json.loads(card_path.read_text())
         model = load_pruned(weights, card)
         recipe = recipe_of_run(run)
-        data = load_data(recipe)
+        data = load_data(recipe, run)
         view_maker = ViewMaker.from_config(recipe.data, data, torch.device("cpu"))
         c, h, w = card["input_size"]
         metadata = {
@@ -230,6 +239,7 @@ def run_export(run: RunDir, peer: str = "mean", opset: int | None = None, dynami
             "pcltool.std": json.dumps(card["std"]), "pcltool.input_size": json.dumps(card["input_size"]),
             "pcltool.candidate": candidate, "pcltool.arch": card["arch"], "pcltool.run_id": card["run_id"],
             "pcltool.input_format": RAW_FORMAT if raw_input else FLOAT_FORMAT, "pcltool.source": card["source"],
+            **preprocessing_metadata(data),
         }
         spec = GateSpec(input_shape=[h, w, c] if raw_input else [c, h, w], num_classes=card["num_classes"],
                         input_dtype="uint8" if raw_input else "float32", batch=options.batch, metadata=metadata,

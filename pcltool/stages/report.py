@@ -1,8 +1,12 @@
-"""Console output of the training stage (rich): a progress bar per epoch and one summary line per epoch."""
+"""Console output of the training stage (rich): a progress bar per epoch and one summary line per epoch; when the
+console is not a terminal, a plain line every ``LINE_EVERY_S`` seconds instead of the bar (at each
+``train.log_every`` step that falls past it)."""
 
 from __future__ import annotations
 
 import time
+
+from pcltool.data.progress import LINE_EVERY_S
 
 
 class TrainReporter:
@@ -14,9 +18,13 @@ class TrainReporter:
         self.task = None
         self.start = time.perf_counter()
         self.first_epoch = None
+        self.lines = False
+        self.last_line = self.start
 
     def __enter__(self):
-        if self.enabled:
+        self.lines = self.enabled and not self.console.is_terminal  # logs, CI, nohup: plain lines, no live bar
+        self.last_line = time.perf_counter()
+        if self.enabled and not self.lines:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -30,6 +38,13 @@ class TrainReporter:
             self.progress.__exit__(*exc)
 
     def update(self, rec: dict) -> None:
+        if self.lines:
+            now = time.perf_counter()
+            if now - self.last_line >= LINE_EVERY_S:
+                self.last_line = now
+                self.console.print(f"epoch {rec['epoch']}/{self.epochs} step {rec['batch']}/{rec['batches']}  "
+                                   f"loss {rec['total']:.3f}  lr {rec['lr']:.4g}  {rec['images_per_s']:.0f} img/s")
+            return
         if not self.progress:
             return
         info = (f"loss {rec['total']:.3f} (ce {rec['ce_peers']:.3f} ens {rec['ce_ensemble']:.3f} "

@@ -105,18 +105,11 @@ class LoadedRun:
         return lambda x: net(x)[0][index]
 
 
-_DATA_CACHE: dict[str, object] = {}
+def load_data(recipe, run: RunDir | None = None):
+    """The run's dataset, checked against the data ``train`` recorded (see :mod:`pcltool.stages.data`)."""
+    from pcltool.stages.data import load_data as load_run_dataset
 
-
-def load_data(recipe):
-    """The run's dataset (cached per process: select, prune and export in one command load it once)."""
-    from pcltool.data import load_dataset
-
-    key = json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()
-        _DATA_CACHE[key] = load_dataset(recipe.data)
-    return _DATA_CACHE[key]
+    return load_run_dataset(recipe, run)
 
 
 def load_run(run: RunDir, checkpoint: str = "last", device: torch.device | None = None) -> LoadedRun:
@@ -134,7 +127,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device: torch.device | None 
                                    "(trained with train.checkpoint_best = false?); use --checkpoint last")
     path = run.verify(record["outputs"][output], f"train/{output}")
     recipe = recipe_of_run(run)
-    data = load_data(recipe)
+    data = load_data(recipe, run)
     device = device or resolve_device("auto")
     state = load_checkpoint(path)
     live, mean = build_networks(recipe, data.num_classes, data.in_channels)

@@ -156,7 +156,7 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     path = run_path or RunDir.latest(Path(recipe.output.runs_dir))
     run = RunDir.open(path)
     run.acquire()
-    saved = run.recipe
+    saved = recipe_from_dict(run.recipe, source=str(run.manifest_path)).resolved()  # keys added since: defaults
     if saved != recipe.resolved():
         old, new = _flatten(saved, sep="."), _flatten(recipe.resolved(), sep=".")
         diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -194,6 +194,10 @@ def run_train(recipe: Recipe, data, device: torch.device, run: RunDir | None, st
     try:  # from here on, any exit (SIGTERM and Ctrl-C included) is recorded
         for warning in data.warnings if run else ():
             run.update(lambda m, w=warning: m["stages"]["train"].setdefault("warnings", []).append(w))
+        if run and (state is None or "data" not in run.read()):  # a resumed run keeps its first attempt's record
+            from pcltool.stages.data import record_data
+
+            record_data(run, data)
         reporter = TrainReporter(console, recipe.train.epochs, enabled=dist_ctx.is_main)
         with reporter:
             while trainer.epoch < recipe.train.epochs:
