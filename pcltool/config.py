@@ -53,7 +53,7 @@ class DataConfig(_Section):
     test_labels: str | None = Field(None, description="image_folder: labels of the test split from a file: 'file<TAB>class' lines (Tiny-ImageNet val_annotations.txt) or CSV 'file,class'; relative to the test split folder")
     class_names_file: str | None = Field(None, description="image_folder: human class names, 'id<TAB>name' or 'id,name' per line (Tiny-ImageNet words.txt)")
     subset: float | None = Field(None, gt=0, description="image_folder: a seeded draw per class for quick trials: a fraction (<1) or a count per class")
-    subset_seed: int = 0
+    subset_seed: int = Field(0, ge=0, lt=2**63, description="image_folder: seed of the per-class subset draw (data.subset)")
     skip_unreadable: bool = Field(False, description="image_folder: leave out files that cannot be decoded (listed in the manifest) instead of stopping")
     on_device: bool = Field(True, description="hold the decoded uint8 dataset on the training device")
 

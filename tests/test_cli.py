@@ -107,7 +107,7 @@ def test_recipe_show_resolves_file_and_overrides():
     assert result.exit_code == 0, result.output
     resolved = tomllib.loads(result.output)
     assert resolved["name"] == "quickstart" and resolved["train"]["epochs"] == 3
-    assert resolved["data"]["dataset"] == "digits" and resolved["data"]["workers"] == 2  # a default filled in
+    assert resolved["data"]["dataset"] == "digits" and resolved["data"]["val_seed"] == 0  # a default filled in
     assert "data.root" in result.output  # unset keys are named in the trailing comment
     as_json = CliRunner().invoke(app, ["recipe", "show", str(QUICKSTART), "--json"])
     assert json.loads(as_json.output)["data"]["root"] is None
