@@ -180,6 +180,41 @@ class Recipe(_Section):
         """Every value, defaults included, as plain JSON-able data."""
         return self.model_dump(mode="json")
 
+    def differences_from(self, stored: dict[str, Any], source: str = "the run's manifest") -> list[str]:
+        """Dotted keys in which this recipe trains something other than ``stored`` (a run's saved recipe).
+
+        Keys added since the run was made take their defaults. Keys that change how a run is carried out but
+        not what it learns are ignored: ``data.workers`` (decoding processes) and ``output.runs_dir``; and
+        ``data.root`` is compared as the folder it names, so a relative and an absolute path to the same data
+        agree (the data's own fingerprint is checked when the run's data is loaded)."""
+        old = _experiment(recipe_from_dict(stored, source=source).resolved())
+        new = _experiment(self.resolved())
+        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+NOT_THE_EXPERIMENT = ("data.workers", "output.runs_dir")
+
+
+def _experiment(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe flattened to dotted keys, less what does not change what is trained."""
+    flat = flatten(resolved)
+    for key in NOT_THE_EXPERIMENT:
+        flat.pop(key, None)
+    if flat.get("data.root"):
+        flat["data.root"] = str(Path(flat["data.root"]).expanduser().resolve())
+    return flat
+
+
+def flatten(tree: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}{sep}", sep))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'train.epochs=10'`` -> (['train', 'epochs'], 10). Values are TOML (strings need no quotes)."""

@@ -122,3 +122,16 @@ def test_compare_command_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 4
     assert "is not a pcltool run" in result.output
     assert (out / "pcl-seed0" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_is_the_same_experiment_whatever_its_decoding_workers_or_how_its_data_path_was_written(
+        tmp_path, monkeypatch):
+    data = tmp_path / "cifar"
+    data.mkdir()
+    monkeypatch.chdir(tmp_path)
+    stored = load_recipe(QUICKSTART, ["data.root=cifar", "data.workers=2", "output.runs_dir=elsewhere"]).resolved()
+    wanted = load_recipe(QUICKSTART, [f"data.root={data}"])
+    assert wanted.differences_from(stored) == []
+    # ... but another folder, or another value that changes what is learned, is another experiment.
+    assert load_recipe(QUICKSTART, [f"data.root={tmp_path}"]).differences_from(stored) == ["data.root"]
+    assert load_recipe(QUICKSTART, ["data.root=cifar", "train.lr=0.05"]).differences_from(stored) == ["train.lr"]

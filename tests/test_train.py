@@ -238,3 +238,21 @@ def test_fp16_never_gets_the_fused_optimizer():
     assert not opt.defaults.get("fused") and opt.defaults.get("foreach")
     bf16 = load_recipe(QUICKSTART, ["train.precision=bf16", "train.fused_optimizer=false"]).train
     assert not build_optimizer(params, bf16, cuda).defaults.get("fused")
+
+
+def test_resume_refuses_a_recipe_that_trains_something_else_but_not_a_new_worker_count(tmp_path):
+    from pcltool.errors import RunDirError
+    from pcltool.stages.train import prepare_run
+
+    recipe = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path / 'runs'}"])
+    run, _ = prepare_run(recipe, tmp_path / "runs" / "r", resume=False)
+    run.release()
+    before = run.manifest_path.read_bytes()
+    other = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path / 'runs'}", "train.lr=0.05"])
+    with pytest.raises(RunDirError, match=r"recipe differs .*\(train.lr\)"):
+        prepare_run(other, run.path, resume=True)
+    assert run.manifest_path.read_bytes() == before
+    same = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path / 'elsewhere'}", "data.workers=1"])
+    resumed, state = prepare_run(same, run.path, resume=True)
+    assert state is None  # no checkpoint yet: training starts from scratch in the same directory
+    resumed.release()

@@ -86,13 +86,8 @@ def arm_state(arm: Arm) -> str:
             raise RunDirError(f"{arm.path} exists and is not a pcltool run; choose another --out or remove it")
         return "new"
     run = RunDir.open(arm.path)
-    stored = recipe_from_dict(run.recipe, source=str(run.manifest_path)).resolved()
-    wanted = arm.recipe.resolved()
-    if stored != wanted:
-        from pcltool.stages.train import _flatten
-
-        old, new = _flatten(stored, sep="."), _flatten(wanted, sep=".")
-        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diffs = arm.recipe.differences_from(run.recipe, source=str(run.manifest_path))
+    if diffs:
         raise RunDirError(f"{arm.path} was trained with another recipe (differs in {', '.join(diffs)}); use another "
                           "--out for this comparison, or remove that run")
     record = run.stage("train") or {}

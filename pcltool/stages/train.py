@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pcltool.config import Recipe, recipe_from_dict
+from pcltool.config import Recipe, flatten, recipe_from_dict
 from pcltool.errors import RunDirError, TrainingDivergedError, UsageError
 from pcltool.manifest import RunDir, atomic_write_text
 from pcltool.stages.report import TrainReporter
@@ -139,14 +139,8 @@ def _log_records(path: Path) -> list[str]:
     return lines
 
 
-def _flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}{sep}", sep))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flatten(d: dict) -> dict:
+    return flatten(d, sep="/")
 
 
 def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[RunDir, dict | None]:
@@ -156,10 +150,8 @@ def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[Ru
     path = run_path or RunDir.latest(Path(recipe.output.runs_dir))
     run = RunDir.open(path)
     run.acquire()
-    saved = recipe_from_dict(run.recipe, source=str(run.manifest_path)).resolved()  # keys added since: defaults
-    if saved != recipe.resolved():
-        old, new = _flatten(saved, sep="."), _flatten(recipe.resolved(), sep=".")
-        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diffs = recipe.differences_from(run.recipe, source=str(run.manifest_path))
+    if diffs:
         run.release()
         raise RunDirError(f"--resume: the recipe differs from the one {path} was started with ({', '.join(diffs)}); "
                           "resume with the same recipe and --set values, or start a new run")
