@@ -3,8 +3,8 @@
 #
 # Three seeds of PCL and of its plain baseline (the same recipe with pcl.enabled=false): the full 45k/5k split
 # of the 50,000 training images, ResNet-8 (75k parameters), 6 epochs of cosine-annealed SGD at lr 0.1, batch
-# 128. On a 2-core CPU one PCL run takes ~10 min when the machine is quiet and its baseline ~2 min, so the whole
-# benchmark fits in ~35 min. The temporal mean follows the schedule's length: ema_decay 0.99 averages over the
+# 128. On a quiet 2-core CPU (2 threads) one PCL run takes ~28 min and its baseline ~6 min (measured 2026-12-07:
+# 1,676 s and 351 s), so the whole benchmark takes ~1 h 45 min; it resumes where it stopped. The temporal mean follows the schedule's length: ema_decay 0.99 averages over the
 # last ~100 steps (a third of an epoch); the paper's 0.999 is sized for 300 epochs (117k steps) and averages
 # over 1,000 of this schedule's 2,112 steps, so its mean teachers would lag the peers by several points at the
 # end (measured: benchmarks figure "ema 0.999" in BENCHMARKS.md). Both arms use the same decay.
