@@ -136,7 +136,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU; CPU always runs fp32")
     channels_last: bool = Field(True, description="channels_last (NHWC) memory format, on GPU and CPU")
     fused_optimizer: bool = Field(True, description="fused/foreach SGD where available")
-    batched_views: bool = Field(True, description="all m views through the trunk as one batch")
+    batched_views: bool = Field(False, description="all m views through the trunk as one batch (one call; BatchNorm over all views together) instead of one call per view as the reproduction does")
     compile: bool = Field(False, description="torch.compile the training step")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode; reduce-overhead and max-autotune add CUDA graphs on GPU")

@@ -31,15 +31,16 @@ def test_plan_lists_a_b_and_every_piece_with_reasons_for_what_cannot_apply():
     assert list(plan)[:2] == ["pcltool", "reference"] and len(plan) == 2 + len(PIECES)
     assert "host memory" in plan["without data on device"].skipped
     assert "cpu_fast_path" in plan["without bf16 autocast"].skipped
-    for name in ("without batched views", "without channels_last", "without fused optimizer",
+    for name in ("with batched views", "without channels_last", "without fused optimizer",
                  "without foreach EMA", "with compile"):
         assert plan[name].skipped is None, name
     assert plan["with compile"].overrides == ("train.compile=true",)
 
     fast = _plan(["device=cpu", "train.cpu_fast_path=true", "train.compile=true"], skip=("foreach_ema",))
     assert _plan(["device=cpu", "train.channels_last=false"])["without channels_last"].skipped == "off in the recipe"
-    per_view = _plan(["device=cpu", "train.batched_views=false"])
-    assert per_view["with batched views"].overrides == ("train.batched_views=true",)
+    assert plan["with batched views"].overrides == ("train.batched_views=true",)  # per view is the default
+    batched = _plan(["device=cpu", "train.batched_views=true"])
+    assert batched["without batched views"].overrides == ("train.batched_views=false",)
     assert fast["without bf16 autocast"].overrides == ("train.precision=fp32",)
     assert fast["without compile"].overrides == ("train.compile=false",)
     assert fast["without foreach EMA"].skipped == "--skip"
