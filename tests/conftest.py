@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
 
 # A few seconds of training on CPU: enough to exercise every code path, not to reach good accuracy.
-TINY_OVERRIDES = ["train.epochs=2", "model.backbone=resnet20", "train.batch_size=128", "device=cpu", "train.log_every=5"]
+# The 2-epoch fixture model the export/build/bench tests share (~40 % top-1, many near-tied scores). Its views go
+# through the trunk as one batch, as when these tests' gate figures were set: the INT8 and portability checks
+# are judged on this model's own scores, and the per-view default (a training choice, tested in test_train.py
+# and test_first_steps.py) gives another 2-epoch model whose INT8 top-1 moves by 2 points on 144 images.
+TINY_OVERRIDES = ["train.epochs=2", "model.backbone=resnet20", "train.batch_size=128", "device=cpu", "train.log_every=5",
+                  "train.batched_views=true"]
 
 
 @pytest.fixture(autouse=True)

@@ -139,15 +139,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     ("own", ["pcl.kd_mean=false"], "ema"),
 ], ids=["own", "ema", "baseline", "no-mean-teachers"])
 def test_mean_network_batchnorm_statistics(stats, extra, applied):
-    """``own``: the mean network's running statistics come from its own forwards (a trunk layer's momentum raised
-    for one update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
+    """``own``: the mean network's running statistics come from its own forwards (with batched views a trunk
+    layer's momentum is raised for one update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
     training never runs the mean network): momentum 0, and they are the temporal mean of the live network's."""
     from pcltool.data import load_dataset
     from pcltool.reference import ReferenceTrainer
     from pcltool.trainer import PCLTrainer
 
     recipe = load_recipe(QUICKSTART, ["device=cpu", "model.backbone=resnet20", f"pcl.mean_bn_stats={stats}",
-                                      *extra])
+                                      "train.batched_views=true", *extra])  # per view: the test below
     data = load_dataset(recipe.data)
     trainer = PCLTrainer(recipe, data, torch.device("cpu"))
     bn = trainer.mean.trunk[0][1]
