@@ -5,9 +5,9 @@ manifest. The same code runs on CPU (tests), one GPU, and under torchrun (``dist
 
 The fast path, each piece a recipe switch so ``pcltool bench-train`` can measure it: the uint8 dataset held on
 the device (``data.on_device``), the m views augmented together on the device (optionally sent through the
-trunk as one batch, ``train.batched_views``, off by default for the reproduction's per-view BatchNorm), channels_last (``train.channels_last``), bf16/fp16 autocast
-(``train.precision``), fused/foreach SGD (``train.fused_optimizer``), a foreach temporal-mean update
-(``train.foreach_ema``), loss parts summed on the device and read once per log interval, and optionally
+trunk as one batch, ``train.batched_views``, off by default for the reproduction's per-view BatchNorm),
+channels_last (``train.channels_last``), bf16/fp16 autocast (``train.precision``), fused/foreach SGD
+(``train.fused_optimizer``), a foreach temporal-mean update (``train.foreach_ema``), loss parts summed on the device and read once per log interval, and optionally
 ``torch.compile`` of the forward + loss (``train.compile``, ``train.compile_mode``; ``"reduce-overhead"`` adds
 CUDA graphs). On CPU, reduced precision applies only with ``train.cpu_fast_path``.
 """

@@ -140,8 +140,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 ], ids=["own", "ema", "baseline", "no-mean-teachers"])
 def test_mean_network_batchnorm_statistics(stats, extra, applied):
     """``own``: the mean network's running statistics come from its own forwards (with batched views a trunk
-    layer's momentum is raised for one update per step instead of m), and the temporal-mean update leaves them alone; ``ema`` (and wherever
-    training never runs the mean network): momentum 0, and they are the temporal mean of the live network's."""
+    layer's momentum is raised for one update per step instead of m), and the temporal-mean update leaves them
+    alone; ``ema`` (and wherever training never runs the mean network): momentum 0, and they are the temporal
+    mean of the live network's."""
     from pcltool.data import load_dataset
     from pcltool.reference import ReferenceTrainer
     from pcltool.trainer import PCLTrainer

@@ -115,7 +115,7 @@ class _MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in _flatten(record).items():
+            for key, value in flatten(record, sep="/").items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record.get("step", record.get("epoch", 0)))
 
@@ -137,10 +137,6 @@ def _log_records(path: Path) -> list[str]:
         except json.JSONDecodeError:
             continue
     return lines
-
-
-def _flatten(d: dict) -> dict:
-    return flatten(d, sep="/")
 
 
 def prepare_run(recipe: Recipe, run_path: Path | None, resume: bool) -> tuple[RunDir, dict | None]:
