@@ -307,7 +307,8 @@ class PCLTrainer:
             yield images, labels
 
     def train_epoch(self, on_log: Callable[[dict], None] | None = None) -> dict:
-        """One epoch. Loss parts are summed on the device and read once per ``log_every`` steps (the only syncs).
+        """One epoch. Loss parts are summed on the device and read once per ``log_every`` steps (the only syncs);
+        across ranks they are averaged first, so every rank logs, and judges divergence on, the same values.
 
         ``images_per_s`` leaves out the first compiled step (reported as ``compile_seconds``)."""
         cfg = self.recipe.train
@@ -328,6 +329,9 @@ class PCLTrainer:
             window_images += n
             images_seen += n
             if on_log is not None and (window_steps == cfg.log_every or i + 1 == self.steps_per_epoch):
+                if self.dist.active:  # every rank logs (and judges divergence on) the same global mean
+                    dist.all_reduce(window)
+                    window /= self.dist.world_size
                 values = (window / window_steps).tolist()  # host sync, once per window
                 now = time.perf_counter()
                 on_log({

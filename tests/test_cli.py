@@ -153,3 +153,31 @@ def test_status_prints_counts_as_integers():
                            "variants": 6})
     assert "images 144," in text and "finite yes" in text and "top1 98.61" in text and "variants=6" in text
     assert "144.00" not in text and "1.00" not in text
+
+
+def test_status_shows_what_the_run_was_trained_on(trained_run):
+    """The data record (dataset, split sizes, fingerprint, preprocessing, warnings) is on screen, not only in
+    ``--json``: two runs trained on different data show different fingerprints."""
+    from pcltool.stages.show import fingerprint_digest
+
+    manifest_path = trained_run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["data"]
+    shown = CliRunner().invoke(app, ["status", str(trained_run)], env=WIDE)
+    assert shown.exit_code == 0, shown.output
+    digest = fingerprint_digest(record["fingerprint"])
+    assert f"data: {record['dataset']}" in shown.output
+    assert f"train {record['train']} / val {record['val']} / test {record['test']}" in shown.output
+    assert digest in shown.output and record["preprocessing"]["steps"][:40] in shown.output
+
+    record["fingerprint"] = {**record["fingerprint"], "changed": True}
+    record["warnings"] = ["the images differ from the release"]
+    manifest_path.write_text(json.dumps(manifest))
+    changed = CliRunner().invoke(app, ["status", str(trained_run)], env=WIDE)
+    assert changed.exit_code == 0, changed.output
+    assert digest not in changed.output and fingerprint_digest(record["fingerprint"]) in changed.output
+    assert "warning: the images differ from the release" in changed.output
+
+    del manifest["data"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert "data: not recorded" in CliRunner().invoke(app, ["status", str(trained_run)], env=WIDE).output

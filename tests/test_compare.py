@@ -135,3 +135,11 @@ def test_a_run_is_the_same_experiment_whatever_its_decoding_workers_or_how_its_d
     # ... but another folder, or another value that changes what is learned, is another experiment.
     assert load_recipe(QUICKSTART, [f"data.root={tmp_path}"]).differences_from(stored) == ["data.root"]
     assert load_recipe(QUICKSTART, ["data.root=cifar", "train.lr=0.05"]).differences_from(stored) == ["train.lr"]
+
+
+def test_ledger_writes_the_sign_of_a_difference():
+    from pcltool.stages.compare import _pm
+
+    assert _pm({"mean": 0.08, "std": 0.58}, signed=True) == "+0.08 ± 0.58"
+    assert _pm({"mean": -0.26, "std": None}, signed=True) == "-0.26"
+    assert _pm({"mean": 74.96, "std": 0.36}) == "74.96 ± 0.36" and _pm(None) == "-"

@@ -147,20 +147,23 @@ def dead_rank_run(tmp_path_factory):
 def one_process(recipe):
     """One process over the same global batches, for 2 epochs; each step averages the gradients of the halves that
     rank 0 and rank 1 take (every 2nd image), so BatchNorm normalises each half on its own, as on 2 ranks.
-    Returns the parameters after each epoch."""
+    Returns the parameters after each epoch, and (key ``"losses"``) each step's loss parts averaged over the two
+    halves, as the ranks log them."""
     torch.set_num_threads(1)
     trainer = PCLTrainer(recipe, load_dataset(recipe.data), CPU)
     init = {k: v.clone() for k, v in trainer.live.named_parameters()}
-    snapshots = []
+    snapshots, losses = [], []
     for _ in range(2):
         for i, (images, labels) in enumerate(trainer.epoch_batches()):
             epoch_float = trainer.epoch + i / trainer.steps_per_epoch
             trainer._rampup.fill_(ramp_up(epoch_float, recipe.pcl.rampup_epochs))
-            grads = []
+            grads, halves = [], []
             for rank in (0, 1):
                 views = trainer._views(images[rank::2])
-                total, _ = trainer._forward_loss(views, labels[rank::2], trainer._rampup)
+                total, parts = trainer._forward_loss(views, labels[rank::2], trainer._rampup)
                 grads.append(torch.autograd.grad(total, list(trainer.live.parameters())))
+                halves.append(parts)
+            losses.append((halves[0] + halves[1]) / 2)
             for p, g0, g1 in zip(trainer.live.parameters(), *grads):
                 p.grad = (g0 + g1) / 2
             trainer.optimizer.step()
@@ -172,7 +175,7 @@ def one_process(recipe):
                           for name, net in (("live", trainer.live), ("mean", trainer.mean))})
     moved = max((snapshots[0]["live"][k] - v).abs().max().item() for k, v in init.items())
     assert moved > 0.05  # the comparisons below have teeth: weights moved far more than their tolerance
-    return snapshots
+    return {0: snapshots[0], 1: snapshots[1], "losses": torch.stack(losses)}
 
 
 def test_ranks_hold_identical_weights_matching_one_process(dead_rank_run, one_process):
@@ -180,6 +183,22 @@ def test_ranks_hold_identical_weights_matching_one_process(dead_rank_run, one_pr
     rank0, rank1 = _state(out / "rank0-epoch1.pt"), _state(out / "rank1-epoch1.pt")
     _assert_states_equal(rank0, rank1)  # BatchNorm statistics included
     _assert_params_close(rank0, one_process[0], rtol=1e-4, atol=1e-5)
+
+
+def test_every_rank_logs_the_global_mean_loss(dead_rank_run, one_process, recipe):
+    """The logged losses (and so the divergence rule, which every rank applies to them) are the mean over the
+    ranks' shards, not rank 0's own: the same on every rank, equal to the one-process mean of the two halves."""
+    from pcltool.trainer import LOSS_PARTS
+
+    records = [json.loads(line) for line in dead_rank_run["metrics"].splitlines()]
+    logged = [r for r in records if r["kind"] == "train" and r["epoch"] == 1]
+    assert len(logged) >= 2 and logged[-1]["batch"] == logged[-1]["batches"]
+    steps, previous = one_process["losses"], 0
+    for rec in logged:  # each record averages the steps since the one before
+        window = steps[previous:rec["step"]].mean(0)
+        previous = rec["step"]
+        for name, expected in zip(LOSS_PARTS, window.tolist()):
+            assert rec[name] == pytest.approx(expected, rel=1e-4, abs=1e-5), (rec["batch"], name)
 
 
 def test_validation_covers_the_whole_split(dead_rank_run, recipe):

@@ -185,12 +185,12 @@ def ledger(results: list[dict], recipe: Recipe, seeds: list[int]) -> dict:
             "headline": headline, "branches": branches, "cost": cost, "runs": results}
 
 
-def _pm(stat: dict | None, digits: int = 2) -> str:
+def _pm(stat: dict | None, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` (the mean alone for one seed); ``signed`` writes a difference's sign either way (+0.08)."""
     if stat is None:
         return "-"
-    if stat["std"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    mean = f"{stat['mean']:{'+' if signed else ''}.{digits}f}"
+    return mean if stat["std"] is None else f"{mean} ± {stat['std']:.{digits}f}"
 
 
 def ledger_markdown(book: dict) -> str:
@@ -208,7 +208,7 @@ def ledger_markdown(book: dict) -> str:
     for key, what in (("deployed_minus_baseline", "deployed PCL − baseline (paired, points)"),
                       ("deployed_minus_baseline_ema", "deployed PCL − baseline EMA (paired, points)")):
         row = h[key]
-        lines.append(f"| **{what}** | **{_pm(row)}** | {', '.join(f'{v:+.2f}' for v in row['values'])} |")
+        lines.append(f"| **{what}** | **{_pm(row, signed=True)}** | {', '.join(f'{v:+.2f}' for v in row['values'])} |")
     lines += ["", f"Deployed choices: {', '.join(h['deployed_pcl']['chosen'])}; best single branch: "
               f"{', '.join(h['pcl_best_single']['chosen'])}.", "",
               "| branch | val top-1 % | test top-1 % |", "|---|---|---|"]
@@ -238,7 +238,7 @@ def ledger_view(book: dict):
     for key, what in (("deployed_minus_baseline", "deployed − baseline (points)"),
                       ("deployed_minus_baseline_ema", "deployed − baseline EMA (points)")):
         row = h[key]
-        view.add_row(f"[bold]{what}[/]", f"[bold]{_pm(row)}[/]", ", ".join(f"{v:+.2f}" for v in row["values"]))
+        view.add_row(f"[bold]{what}[/]", f"[bold]{_pm(row, signed=True)}[/]", ", ".join(f"{v:+.2f}" for v in row["values"]))
     ratio = book["cost"]["pcl_over_baseline"]
     if ratio is not None:
         view.caption = f"PCL training took {ratio:.2f}x the baseline's wall time; the deployed model has the " \

@@ -27,6 +27,37 @@ def _short_metrics(metrics: dict) -> str:
     return "\n".join(parts)
 
 
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short name for a recorded data fingerprint, to compare runs by eye: the content hash where the run has one,
+    else the listing's, else the first 12 hex digits of the sha256 of the whole record (canonical JSON)."""
+    import hashlib
+    import json
+
+    for key in ("content_sha256", "listing_sha256"):
+        if fingerprint.get(key):
+            return fingerprint[key][:12]
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_summary(record: dict | None) -> str:
+    """The manifest's ``data`` record in a few lines: what was trained on, its fingerprint, the preprocessing every
+    stage follows, and what loading skipped or warned about."""
+    if not record:
+        return "data: not recorded (a run trained before pcltool recorded data, or not trained yet)"
+    fingerprint = record.get("fingerprint") or {}
+    lines = [f"data: {record.get('dataset')}  ·  train {record.get('train')} / val {record.get('val')} / "
+             f"test {record.get('test')}  ·  {record.get('classes')} classes  ·  "
+             f"fingerprint {fingerprint.get('kind', '?')} {fingerprint_digest(fingerprint)}"]
+    steps = (record.get("preprocessing") or {}).get("steps")
+    if steps:
+        lines.append(f"preprocessing: {steps}")
+    skipped = record.get("skipped") or []
+    if skipped:
+        lines.append(f"{len(skipped)} file(s) skipped while loading (listed in the manifest's data.skipped)")
+    lines += [f"warning: {w}" for w in record.get("warnings") or []]
+    return "\n".join(lines)
+
+
 def manifest_table(path: Path, manifest: dict, interrupted: set[str] = frozenset()):
     """The manifest as a table; stages in ``interrupted`` (recorded "running", but no process holds the run) are
     shown as interrupted."""
@@ -37,7 +68,8 @@ def manifest_table(path: Path, manifest: dict, interrupted: set[str] = frozenset
     title = (f"{escape(str(path))}  ·  run {manifest.get('run_id', '?')[:12]}  ·  "
              f"recipe {escape(str(manifest.get('recipe', {}).get('name')))}  ·  "
              f"torch {env.get('torch')}  ·  {env.get('gpu', 'cpu')}")
-    table = Table(title=title, show_lines=True)
+    table = Table(title=title, caption=escape(data_summary(manifest.get("data"))), caption_justify="left",
+                  show_lines=True)
     for col in ("stage", "status", "started", "finished", "outputs", "metrics"):
         table.add_column(col, overflow="fold")
     for key, rec in manifest.get("stages", {}).items():
