@@ -7,9 +7,10 @@ The fast path, each piece a recipe switch so ``pcltool bench-train`` can measure
 the device (``data.on_device``), the m views augmented together on the device (optionally sent through the
 trunk as one batch, ``train.batched_views``, off by default for the reproduction's per-view BatchNorm),
 channels_last (``train.channels_last``), bf16/fp16 autocast (``train.precision``), fused/foreach SGD
-(``train.fused_optimizer``), a foreach temporal-mean update (``train.foreach_ema``), loss parts summed on the device and read once per log interval, and optionally
-``torch.compile`` of the forward + loss (``train.compile``, ``train.compile_mode``; ``"reduce-overhead"`` adds
-CUDA graphs). On CPU, reduced precision applies only with ``train.cpu_fast_path``.
+(``train.fused_optimizer``), a foreach temporal-mean update (``train.foreach_ema``), loss parts summed on the
+device and read once per log interval, and optionally ``torch.compile`` of the forward + loss (``train.compile``,
+``train.compile_mode``; ``"reduce-overhead"`` adds CUDA graphs). On CPU, reduced precision applies only with
+``train.cpu_fast_path``.
 """
 
 from __future__ import annotations

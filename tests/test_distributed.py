@@ -185,7 +185,7 @@ def test_ranks_hold_identical_weights_matching_one_process(dead_rank_run, one_pr
     _assert_params_close(rank0, one_process[0], rtol=1e-4, atol=1e-5)
 
 
-def test_every_rank_logs_the_global_mean_loss(dead_rank_run, one_process, recipe):
+def test_every_rank_logs_the_global_mean_loss(dead_rank_run, one_process):
     """The logged losses (and so the divergence rule, which every rank applies to them) are the mean over the
     ranks' shards, not rank 0's own: the same on every rank, equal to the one-process mean of the two halves."""
     from pcltool.trainer import LOSS_PARTS

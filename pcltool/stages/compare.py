@@ -238,7 +238,8 @@ def ledger_view(book: dict):
     for key, what in (("deployed_minus_baseline", "deployed − baseline (points)"),
                       ("deployed_minus_baseline_ema", "deployed − baseline EMA (points)")):
         row = h[key]
-        view.add_row(f"[bold]{what}[/]", f"[bold]{_pm(row, signed=True)}[/]", ", ".join(f"{v:+.2f}" for v in row["values"]))
+        view.add_row(f"[bold]{what}[/]", f"[bold]{_pm(row, signed=True)}[/]",
+                     ", ".join(f"{v:+.2f}" for v in row["values"]))
     ratio = book["cost"]["pcl_over_baseline"]
     if ratio is not None:
         view.caption = f"PCL training took {ratio:.2f}x the baseline's wall time; the deployed model has the " \
